@@ -1,0 +1,110 @@
+"""`streamserver` on the command line: flags (or STREAMSERVER_* variables) → config → uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ServerConfig
+
+ENV_PREFIX = "STREAMSERVER_"
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _max_conn(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# (field, type or 'bool', help)
+FLAGS: list[tuple[str, object, str]] = [
+    ("host", str, "address to bind"),
+    ("port", int, "port"),
+    ("model", str, "Whisper model name, openai-whisper .pt checkpoint, or CTranslate2 folder"),
+    ("language", str, "language for multilingual models (default: en for .en models, else auto)"),
+    ("pcm_input", "bool", "connections without format= send raw PCM s16le 16 kHz mono"),
+    ("policy", str, "streaming policy (localagreement)"),
+    ("diarization", "bool", "label speakers"),
+    ("diarization_backend", str, "sortformer or embedding"),
+    ("sortformer_model", str, "a .nemo file or NeMo model name"),
+    ("sortformer_latency", str, "streaming preset"),
+    ("max_connections_per_gpu", _max_conn, "connections per device (a number)"),
+    ("gpu_memory_fraction", float, "share of each GPU's memory the server may plan to use"),
+    ("gpus", _csv_ints, "comma-separated device ids to use"),
+    ("simulate_gpus", str, "NxG: N simulated devices of G GB each, models on the CPU"),
+    ("idle_unload_seconds", float, "unload a device's models after this long with no connection (0: never)"),
+    ("silence_line_seconds", float, "silence long enough to become a -2 line"),
+    ("max_frame_bytes", int, "largest binary frame accepted"),
+    ("api_token", str, "required token for /asr and admin endpoints"),
+    ("allowed_origins", _csv, "comma-separated browser origins accepted"),
+    ("drain_seconds", float, "grace period after SIGTERM"),
+    ("ssl_certfile", str, "serve https:// and wss://"),
+    ("ssl_keyfile", str, "key for --ssl-certfile"),
+    ("log_level", str, "logging level"),
+    ("cache_dir", str, "where converted model checkpoints are cached"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(prog="streamserver", description="Live speech transcription over WebSockets")
+    for name, kind, help_text in FLAGS:
+        env = ENV_PREFIX + name.upper()
+        if kind == "bool":
+            env_on = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
+            parser.add_argument(_flag(name), action="store_true", default=env_on or getattr(defaults, name),
+                                help=f"{help_text} (env {env})")
+            continue
+        default = getattr(defaults, name)
+        if env in os.environ:
+            default = kind(os.environ[env])  # type: ignore[operator]
+        parser.add_argument(_flag(name), type=kind, default=default, help=f"{help_text} (env {env}; default {default})")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
+    args = build_parser().parse_args(argv)
+    return ServerConfig(**{name: getattr(args, name) for name, _, _ in FLAGS})
+
+
+def serve(config: ServerConfig) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        ws_max_size=max(16 * 2**20, 4 * config.max_frame_bytes),
+        ssl_certfile=config.ssl_certfile,
+        ssl_keyfile=config.ssl_keyfile,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(parse_config(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

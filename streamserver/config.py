@@ -1,0 +1,49 @@
+"""Server configuration: the one global thing, built once from flags and environment."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "tiny.en"
+    language: str | None = None  # None: 'en' for .en models, else 'auto'
+    pcm_input: bool = False
+    policy: str = "localagreement"
+    diarization: bool = False
+    diarization_backend: str = "sortformer"
+    sortformer_model: str | None = None
+    sortformer_latency: str = "1s"
+    max_connections_per_gpu: int | str = 4
+    gpu_memory_fraction: float = 0.9
+    gpus: tuple[int, ...] | None = None
+    simulate_gpus: str | None = None
+    idle_unload_seconds: float = 120.0
+    silence_line_seconds: float = 2.0
+    max_frame_bytes: int = 1048576
+    api_token: str | None = None
+    allowed_origins: tuple[str, ...] | None = None
+    drain_seconds: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    log_level: str = "info"
+    cache_dir: str | None = None
+
+    @property
+    def effective_language(self) -> str:
+        if self.language:
+            return self.language
+        return "en" if self.model.endswith(".en") else "auto"
+
+    @property
+    def default_format(self) -> str:
+        return "pcm" if self.pcm_input else "auto"
+
+    @property
+    def model_label(self) -> str:
+        """The model as clients see it: the name, or the file/folder's base name for a path."""
+        import os
+
+        return os.path.basename(self.model.rstrip("/")) or self.model

@@ -1,0 +1,230 @@
+"""One `/asr` WebSocket, from admission to the last byte.
+
+Three tasks per connection: the receiver (socket → decoder → inbox), the
+processor (inbox → device worker → caption state) and the sender (one merging
+"latest update" slot → socket, so a slow client gets fewer updates, never a
+growing queue). Every way out — end of stream, client gone, bad input, server
+failure — releases the device slot and the model reference exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket
+
+from gpu_manager import Device
+
+from . import protocol
+from .audio import FORMATS, AudioDecodeError, make_decoder
+from .errors import (
+    REFUSED_FULL,
+    ConnectionFailure,
+    DecodeFailed,
+    FrameTooLarge,
+    GpuOutOfMemory,
+    InternalError,
+    NotBinary,
+    is_out_of_memory,
+)
+from .server import Server
+from .session import AudioInbox, Session, SessionOptions
+
+log = logging.getLogger("gpu_manager")
+errlog = logging.getLogger("streamserver.connection")
+
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Final:
+    """The last things a stream is sent, in order, before the normal close."""
+
+    messages: tuple[dict, ...]
+
+
+class ClientGone(Exception):
+    """The peer closed or vanished: nothing more can be sent."""
+
+
+class UpdateSlot:
+    """The single newest message waiting for the sender; `put` replaces what is there."""
+
+    def __init__(self) -> None:
+        self._value: object = None
+        self._event = asyncio.Event()
+
+    def put(self, value: object) -> None:
+        self._value = value
+        self._event.set()
+
+    async def take(self) -> object:
+        await self._event.wait()
+        self._event.clear()
+        value, self._value = self._value, None
+        return value
+
+
+async def asr_endpoint(websocket: WebSocket) -> None:
+    """Admit, serve, and always release."""
+    server: Server = websocket.app.state.server
+    fmt = websocket.query_params.get("format") or server.config.default_format
+    await websocket.accept()
+    if fmt not in FORMATS:
+        await _refuse_with_error(websocket, f"Unsupported format {fmt!r} (use pcm, webm, ogg or auto)", 1008)
+        return
+    connection_id = str(uuid.uuid4())
+    device = server.allocator.allocate(connection_id)
+    if device is None:
+        await websocket.close(1008, REFUSED_FULL)
+        return
+    try:
+        log.info("Connection %s: WebSocket opened on GPU %d", connection_id, device.id)
+        await Connection(websocket, server, device, connection_id, fmt).serve()
+    finally:
+        server.allocator.release(connection_id)
+
+
+async def _refuse_with_error(websocket: WebSocket, message: str, code: int) -> None:
+    try:
+        await websocket.send_text(protocol.dumps(protocol.error_message(message, code)))
+        await websocket.close(code, message[:123])
+    except Exception:
+        pass
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, server: Server, device: Device, connection_id: str, fmt: str) -> None:
+        self.ws = websocket
+        self.server = server
+        self.config = server.config
+        self.device = device
+        self.id = connection_id
+        self.runtime = server.runtimes[device.id]
+        self.decoder = make_decoder(fmt)
+        self.format = fmt
+        self.inbox = AudioInbox()
+        self.audio_arrived = asyncio.Event()
+        self.ended = False
+        self.slot = UpdateSlot()
+        self.language = websocket.query_params.get("language") or None
+
+    async def serve(self) -> None:
+        await self._send(protocol.config_message(protocol.ConfigInfo(
+            gpu_id=self.device.id, connection_id=self.id, device=self.device.label,
+            model=self.config.model_label, diarization=self.config.diarization, format=self.format,
+        )))
+        tasks = [asyncio.create_task(c) for c in (self._receive(), self._process(), self._send_updates())]
+        receiver, processor, sender = tasks
+        try:
+            waiting = {receiver, processor, sender}
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # re-raises a failure
+                    if task is sender or (task is receiver and not self.ended):
+                        return  # the final update went out, or the client went away
+        except ClientGone:
+            return
+        except ConnectionFailure as failure:
+            await self._fail(failure)
+        except Exception:
+            errlog.exception("Connection %s failed", self.id)
+            await self._fail(InternalError())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- receiver: socket → decoder → inbox -----------------------------
+    async def _receive(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                raise NotBinary()
+            if len(data) > self.config.max_frame_bytes:
+                raise FrameTooLarge(len(data), self.config.max_frame_bytes)
+            try:
+                audio = self.decoder.feed(data) if data else self.decoder.flush()
+            except AudioDecodeError as exc:
+                raise DecodeFailed(str(exc)) from exc
+            self.inbox.put(audio)
+            if not data:
+                self.ended = True
+            self.audio_arrived.set()
+            if self.ended:
+                return
+
+    # -- processor: inbox → device worker → caption state ---------------
+    async def _process(self) -> None:
+        models = await self.runtime.acquire()
+        try:
+            self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
+            options = SessionOptions(self.config.silence_line_seconds, language=self.language)
+            session = Session(self.inbox, models.asr, models.vad, options)
+            while not self.ended:
+                try:
+                    await asyncio.wait_for(self.audio_arrived.wait(), HEARTBEAT_SECONDS)
+                except asyncio.TimeoutError:
+                    continue
+                self.audio_arrived.clear()
+                state = await self._infer(session.step)
+                self.slot.put(protocol.update_message(state))
+            final = await self._infer(session.finish)
+            self.slot.put(Final((protocol.update_message(final), protocol.ready_to_stop_message())))
+        finally:
+            self.server.memory.account.remove_stream(self.device.id, self.id)
+            self.runtime.release()
+
+    async def _infer(self, fn):
+        try:
+            return await self.runtime.run(fn)
+        except ConnectionFailure:
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GpuOutOfMemory(self.device.id) from exc
+            raise
+
+    # -- sender: latest-update slot → socket ----------------------------
+    async def _send_updates(self) -> None:
+        last, last_at = None, 0.0
+        while True:
+            message = await self.slot.take()
+            if isinstance(message, Final):
+                for m in message.messages:
+                    await self._send(m)
+                await self._close(1000, "")
+                return
+            now = time.monotonic()
+            if message != last or now - last_at >= HEARTBEAT_SECONDS:
+                await self._send(message)
+                last, last_at = message, now
+
+    # -- socket helpers ---------------------------------------------------
+    async def _send(self, message: dict) -> None:
+        try:
+            await self.ws.send_text(protocol.dumps(message))
+        except Exception as exc:  # WebSocketDisconnect, websockets' ConnectionClosed, a closed transport
+            raise ClientGone() from exc
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code, reason)
+        except Exception:
+            pass
+
+    async def _fail(self, failure: ConnectionFailure) -> None:
+        """The error message, then the close; logged once."""
+        errlog.warning("Connection %s closed with %d: %s", self.id, failure.code, failure.message)
+        try:
+            await self._send(protocol.error_message(failure.message, failure.code))
+        except ClientGone:
+            return
+        await self._close(failure.code, failure.message[:123])

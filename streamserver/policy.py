@@ -1,0 +1,179 @@
+"""LocalAgreement-2: when to trust a word enough to show it as final.
+
+Whisper re-transcribes the growing audio buffer; a word is committed once two
+consecutive hypotheses agree on it (the longest common prefix). Committed text
+prompts the next call, and the buffer is cut at a segment end once its words
+are committed, so it never grows without bound. The shape follows
+whisper_streaming's `HypothesisBuffer` + `OnlineASRProcessor`, with typed words.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from backends.asr_types import Segment, Word, join_words
+
+SAMPLE_RATE = 16000
+
+# transcribe(audio, prompt) -> segments with times relative to the audio's start
+Transcribe = Callable[[np.ndarray, str], list[Segment]]
+
+
+class HypothesisBuffer:
+    """The words of the last hypothesis not yet committed, and the agreement rule."""
+
+    def __init__(self, committed_until: float = 0.0) -> None:
+        self.committed_until = committed_until
+        self.recent_committed: list[Word] = []  # committed words still inside the audio buffer
+        self.pending: list[Word] = []  # previous hypothesis, after its committed prefix
+
+    def insert(self, words: list[Word]) -> list[Word]:
+        """Commit the prefix `words` shares with the previous hypothesis; keep the rest pending."""
+        new = [w for w in words if w.start > self.committed_until - 0.1]
+        new = self._drop_repeated_head(new)
+        commit: list[Word] = []
+        for old, fresh in zip(self.pending, new):
+            if old.key != fresh.key:
+                break
+            commit.append(fresh)
+        self.pending = new[len(commit):]
+        self._committed(commit)
+        return commit
+
+    def flush(self) -> list[Word]:
+        """Commit everything pending (end of an utterance: no later hypothesis will come)."""
+        commit, self.pending = self.pending, []
+        self._committed(commit)
+        return commit
+
+    def forget_before(self, t: float) -> None:
+        """The audio before `t` left the buffer: its committed words can no longer repeat."""
+        self.recent_committed = [w for w in self.recent_committed if w.end > t]
+
+    def _committed(self, words: list[Word]) -> None:
+        if words:
+            self.recent_committed.extend(words)
+            self.committed_until = words[-1].end
+
+    def _drop_repeated_head(self, new: list[Word]) -> list[Word]:
+        """Whisper often repeats the last committed words at the start of the buffer: drop
+        a 1-5 word n-gram that matches the committed tail, when it starts near it."""
+        if not new or abs(new[0].start - self.committed_until) >= 1.0:
+            return new
+        tail = self.recent_committed
+        for n in range(min(5, len(tail), len(new)), 0, -1):
+            if [w.key for w in tail[-n:]] == [w.key for w in new[:n]]:
+                return new[n:]
+        return new
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    committed: list[Word]
+    tentative: list[Word]
+
+
+class LocalAgreementPolicy:
+    """One utterance's streaming transcription: insert audio, process, finish.
+
+    `start(t)` begins a new utterance at stream time `t` (the VAD calls it);
+    times in every output are stream times.
+    """
+
+    def __init__(
+        self,
+        transcribe: Transcribe,
+        trim_seconds: float = 15.0,
+        max_buffer_seconds: float = 25.0,
+        prompt_chars: int = 200,
+    ) -> None:
+        self.transcribe = transcribe
+        self.trim_seconds = trim_seconds
+        self.max_buffer_seconds = max_buffer_seconds
+        self.prompt_chars = prompt_chars
+        self.context = ""  # committed text of the whole stream, for prompting
+        self.start(0.0)
+
+    def start(self, offset: float) -> None:
+        self.offset = offset
+        self.audio = np.zeros(0, dtype=np.float32)
+        self.hypothesis = HypothesisBuffer(committed_until=offset)
+        self.processed_samples = 0
+
+    # -- the three verbs ------------------------------------------------
+    def insert_audio(self, audio: np.ndarray) -> None:
+        self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
+
+    def process(self) -> PolicyOutput:
+        """Transcribe the buffer once; commit what the last two hypotheses agree on."""
+        self.processed_samples = len(self.audio)
+        segments = [s.shifted(self.offset) for s in self.transcribe(self.audio, self._prompt())]
+        words = [w for s in segments for w in s.words]
+        committed = self.hypothesis.insert(words)
+        self._remember(committed)
+        if self.buffer_seconds > self.max_buffer_seconds:
+            # No segment end was agreed on for too long: take the hypothesis as it is.
+            committed = committed + self._flush()
+            self._cut(self.end_time)
+        elif self.buffer_seconds > self.trim_seconds:
+            self._trim_at_segment(segments)
+        return PolicyOutput(committed, list(self.hypothesis.pending))
+
+    def finish(self) -> list[Word]:
+        """End of the utterance: transcribe what is left unprocessed, then commit everything."""
+        committed: list[Word] = []
+        if len(self.audio) > self.processed_samples:
+            committed = self.process().committed
+        committed += self._flush()
+        self.start(self.end_time)
+        return committed
+
+    # -- helpers ----------------------------------------------------------
+    @property
+    def buffer_seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    @property
+    def end_time(self) -> float:
+        return self.offset + self.buffer_seconds
+
+    @property
+    def processed_until(self) -> float:
+        return self.offset + self.processed_samples / SAMPLE_RATE
+
+    @property
+    def unprocessed_seconds(self) -> float:
+        return (len(self.audio) - self.processed_samples) / SAMPLE_RATE
+
+    def _flush(self) -> list[Word]:
+        words = self.hypothesis.flush()
+        self._remember(words)
+        return words
+
+    def _remember(self, words: list[Word]) -> None:
+        if words:
+            self.context = (self.context + "".join(w.text for w in words))[-4 * self.prompt_chars:]
+
+    def _prompt(self) -> str:
+        """Committed text that is no longer in the audio buffer (so it isn't transcribed twice)."""
+        inside = join_words(self.hypothesis.recent_committed)
+        text = self.context
+        if inside and text.rstrip().endswith(inside):
+            text = text.rstrip()[: -len(inside)]
+        return text[-self.prompt_chars:].strip()
+
+    def _trim_at_segment(self, segments: list[Segment]) -> None:
+        """Cut the buffer at the last segment end that is already committed (never the last segment)."""
+        ends = [s.end for s in segments[:-1] if s.end <= self.hypothesis.committed_until]
+        if ends:
+            self._cut(ends[-1])
+
+    def _cut(self, t: float) -> None:
+        n = int(round((t - self.offset) * SAMPLE_RATE))
+        n = max(0, min(n, len(self.audio)))
+        self.audio = self.audio[n:]
+        self.processed_samples = max(0, self.processed_samples - n)
+        self.offset += n / SAMPLE_RATE
+        self.hypothesis.forget_before(self.offset)

@@ -1,0 +1,164 @@
+"""One connection's pipeline state, from decoded audio to caption state.
+
+A `Session` is a plain object owned by its connection. The event loop puts
+decoded audio in its `AudioInbox`; the device's worker thread calls `step()` and
+`finish()`, which run the VAD, the streaming policy and attribution and return
+the caption state to send. Nothing here touches the socket.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from backends.asr_types import join_words
+from backends.vad import WINDOW, SileroVAD, SpeechSegmenter
+
+from .policy import SAMPLE_RATE, LocalAgreementPolicy
+from .protocol import CaptionState
+from .transcript import Transcript
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    silence_line_seconds: float = 2.0
+    min_chunk_seconds: float = 1.0  # audio a policy needs before another Whisper call
+    language: str | None = None
+
+
+class AudioInbox:
+    """Decoded audio waiting for the session's next step.
+
+    The event loop `put`s, the device worker `take`s; deque appends and pops
+    are atomic, so no lock is needed between the two.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: deque[np.ndarray] = deque()
+        self.received_samples = 0
+
+    def put(self, audio: np.ndarray) -> None:
+        if audio.size:
+            self._chunks.append(audio)
+            self.received_samples += audio.size
+
+    def take(self) -> np.ndarray:
+        chunks = []
+        while self._chunks:
+            chunks.append(self._chunks.popleft())
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+    @property
+    def received_seconds(self) -> float:
+        return self.received_samples / SAMPLE_RATE
+
+
+class Session:
+    def __init__(self, inbox: AudioInbox, asr, vad: SileroVAD, options: SessionOptions = SessionOptions()) -> None:
+        self.inbox = inbox
+        self.options = options
+        self.vad = vad
+        self.vad_state = vad.new_state()
+        self.segmenter = SpeechSegmenter()
+        self.policy = LocalAgreementPolicy(lambda audio, prompt: asr.transcribe(audio, prompt, options.language))
+        self.transcript = Transcript()
+        self._lock = threading.Lock()  # step() and finish() never overlap
+        # Audio after `_recent_start` (absolute sample index) not yet handed on: the VAD
+        # moves a speech start back by its padding, so we keep a little history.
+        self._recent = np.zeros(0, dtype=np.float32)
+        self._recent_start = 0
+        self._vad_samples = 0  # samples the VAD has seen
+        self._fed_until = 0  # samples handed to the policy (absolute)
+        self._in_speech = False
+        self._speech_seen = False
+        self._speech_end = 0  # absolute sample where the last speech ended
+        self._tentative: list = []
+
+    # -- worker side ----------------------------------------------------
+    def step(self) -> CaptionState:
+        """Take in what arrived, run the VAD, and call Whisper when enough speech waits."""
+        with self._lock:
+            self._take_in()
+            if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
+                out = self.policy.process()
+                self.transcript.add_words(out.committed)
+                self._tentative = out.tentative
+            self._note_silence(self._vad_samples)
+            return self.state()
+
+    def finish(self) -> CaptionState:
+        """End of stream: everything still held is transcribed and committed."""
+        with self._lock:
+            self._take_in()
+            tail_end = self._recent_start + len(self._recent)
+            if self._in_speech:
+                self._feed_policy(tail_end)
+                self.transcript.add_words(self.policy.finish())
+                self._in_speech = False
+                self._speech_end = tail_end
+            self._tentative = []
+            self._note_silence(tail_end)
+            return self.state(final=True)
+
+    def state(self, final: bool = False) -> CaptionState:
+        done = self.policy.processed_until if self._in_speech else self._vad_samples / SAMPLE_RATE
+        return CaptionState(
+            lines=self.transcript.snapshot(),
+            buffer_transcription="" if final else join_words(self._tentative),
+            remaining_transcription=0.0 if final else self.inbox.received_seconds - done,
+            speech_detected=self._speech_seen,
+        )
+
+    # -- internals --------------------------------------------------------
+    def _take_in(self) -> None:
+        audio = self.inbox.take()
+        if not audio.size:
+            return
+        self._recent = np.concatenate([self._recent, audio])
+        probs = self.vad.probabilities(self.vad_state, audio)
+        for event in self.segmenter.push(probs):
+            if event.kind == "start":
+                self._speech_starts(max(event.sample, self._speech_end, self._recent_start))
+            else:
+                self._speech_ends(max(event.sample, self._fed_until))
+        self._vad_samples += len(probs) * WINDOW
+        if self._in_speech:
+            self._feed_policy(self._vad_samples)
+        self._forget_old_audio()
+
+    def _speech_starts(self, sample: int) -> None:
+        self._note_silence(sample)
+        self._speech_seen = True
+        self._in_speech = True
+        self.policy.start(sample / SAMPLE_RATE)
+        self._fed_until = sample
+
+    def _speech_ends(self, sample: int) -> None:
+        self._feed_policy(sample)
+        self.transcript.add_words(self.policy.finish())
+        self._tentative = []
+        self._in_speech = False
+        self._speech_end = sample
+
+    def _feed_policy(self, until: int) -> None:
+        a = self._fed_until - self._recent_start
+        b = until - self._recent_start
+        if b > a:
+            self.policy.insert_audio(self._recent[a:b])
+            self._fed_until = until
+
+    def _note_silence(self, now: int) -> None:
+        """A silence as long as `--silence-line-seconds` becomes (or extends) a silence line."""
+        if self._in_speech:
+            return
+        if (now - self._speech_end) / SAMPLE_RATE >= self.options.silence_line_seconds:
+            self.transcript.add_silence(self._speech_end / SAMPLE_RATE, now / SAMPLE_RATE)
+
+    def _forget_old_audio(self) -> None:
+        keep_from = self._fed_until if self._in_speech else self._vad_samples - SAMPLE_RATE
+        drop = max(0, keep_from - self._recent_start)
+        if drop:
+            self._recent = self._recent[drop:]
+            self._recent_start += drop

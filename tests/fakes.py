@@ -1,0 +1,66 @@
+"""Test doubles: a fake NVML with configurable GPUs, and models that need no weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends.asr_types import Segment, Word
+from gpu_manager import GIB, Device
+from streamserver.runtime import DeviceModels
+
+
+@dataclass
+class FakeNvml:
+    """Looks like `gpu_manager.Nvml`: `count` GPUs of `gigabytes` each."""
+
+    count: int = 4
+    gigabytes: float = 16.0
+    used: dict[int, int] = field(default_factory=dict)
+
+    def device_count(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return "NVIDIA Fake-16GB"
+
+    def memory(self, index: int) -> tuple[int, int, int]:
+        total = int(self.gigabytes * GIB)
+        used = self.used.get(index, int(0.5 * GIB))
+        return used, total - used, total
+
+    def utilization(self, index: int) -> float:
+        return 12.5
+
+
+class EchoASR:
+    """Stands in for Whisper: one word per second of audio, named by its index."""
+
+    def transcribe(self, audio: np.ndarray, prompt: str = "", language: str | None = None) -> list[Segment]:
+        n = int(len(audio) // 16000)
+        words = tuple(Word(float(i), float(i) + 0.8, f" w{i}") for i in range(n))
+        return [Segment(0.0, float(n), words)] if words else []
+
+
+class LoudVAD:
+    """Stands in for Silero: every window with energy is speech."""
+
+    def __init__(self) -> None:
+        from backends.vad import WINDOW
+
+        self.window = WINDOW
+
+    def new_state(self):
+        return {"left": np.zeros(0, dtype=np.float32)}
+
+    def probabilities(self, state, audio: np.ndarray) -> np.ndarray:
+        audio = np.concatenate([state["left"], audio])
+        n = len(audio) // self.window
+        state["left"] = audio[n * self.window:]
+        frames = audio[: n * self.window].reshape(n, self.window) if n else np.zeros((0, self.window))
+        return (np.abs(frames).mean(axis=1) > 0.01).astype(np.float32)
+
+
+def fake_loader(device: Device) -> DeviceModels:
+    return DeviceModels(asr=EchoASR(), vad=LoudVAD(), names=["whisper:fake", "vad:fake"],
+                        model_bytes=100 * 2**20, stream_bytes=2**20)

@@ -1,0 +1,61 @@
+"""Run the real app under uvicorn on a free loopback port, in a background thread."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+from websockets.sync.client import ClientConnection, connect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(app, ws_max_size: int = 16 * 2**20) -> Iterator[str]:
+    """Yields the base URL (`127.0.0.1:PORT`) while uvicorn serves `app`."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=ws_max_size,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def open_asr(base: str, query: str = "") -> ClientConnection:
+    return connect(f"ws://{base}/asr" + (f"?{query}" if query else ""), open_timeout=10, max_size=None)
+
+
+def recv_json(ws: ClientConnection, timeout: float = 30) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def drain_until_closed(ws: ClientConnection, timeout: float = 60) -> list[dict]:
+    """Every message until the server closes; returns them parsed."""
+    from websockets.exceptions import ConnectionClosed
+
+    out = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            out.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    except ConnectionClosed:
+        return out
+    raise TimeoutError("server did not close the connection")

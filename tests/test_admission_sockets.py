@@ -1,0 +1,90 @@
+"""Admission over real sockets: the config message, round-robin placement, 1008 when full, freed slots."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from tests.fakes import FakeNvml, fake_loader
+from tests.live import open_asr, recv_json, serve_app
+
+
+@pytest.fixture(params=["fake-nvml", "simulated"])
+def server_url(request):
+    if request.param == "simulated":
+        app = create_app(ServerConfig(simulate_gpus="4x16", pcm_input=True), loader=fake_loader)
+    else:
+        app = create_app(ServerConfig(pcm_input=True), loader=fake_loader, nvml_factory=lambda: FakeNvml(4, 16.0))
+    with serve_app(app) as base:
+        yield base
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def active(base: str) -> int:
+    import httpx
+
+    return httpx.get(f"http://{base}/gpu-status").json()["total_connections"]
+
+
+def test_sixteen_land_round_robin_and_the_seventeenth_is_refused(server_url):
+    sockets = []
+    try:
+        for i in range(16):
+            ws = open_asr(server_url)
+            cfg = recv_json(ws)
+            assert cfg["type"] == "config"
+            assert cfg["gpu_id"] == i % 4
+            assert cfg["device"] == f"cuda:{i % 4}"
+            assert cfg["useAudioWorklet"] is True and cfg["format"] == "pcm" and cfg["mode"] == "full"
+            assert len(cfg["connection_id"]) == 36
+            sockets.append(ws)
+        extra = open_asr(server_url)
+        with pytest.raises(ConnectionClosed) as closed:
+            extra.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason == "No GPU resources available"
+
+        sockets.pop(6).close()  # a normal close frees a slot on device 2
+        wait_for(lambda: active(server_url) == 15)
+        ws = open_asr(server_url)
+        assert recv_json(ws)["gpu_id"] == 2
+        sockets.append(ws)
+    finally:
+        for ws in sockets:
+            ws.close()
+    wait_for(lambda: active(server_url) == 0)
+
+
+def test_a_client_that_vanishes_frees_its_slot(server_url):
+    ws = open_asr(server_url)
+    recv_json(ws)
+    ws.send(b"\x00\x01" * 8000)
+    ws.socket.close()  # no close frame: the TCP connection just drops
+    wait_for(lambda: active(server_url) == 0)
+
+
+def test_gpu_status_shape(server_url):
+    import httpx
+
+    ws = open_asr(server_url)
+    recv_json(ws)
+    status = httpx.get(f"http://{server_url}/gpu-status").json()
+    ws.close()
+    assert status["total_gpus"] == 4 and status["max_connections_per_gpu"] == 4
+    gpu0 = status["gpus"][0]
+    assert set(gpu0) == {
+        "gpu_id", "device", "name", "active_connections", "max_connections", "allocated_memory_gb",
+        "free_memory_gb", "total_memory_gb", "utilization_percent", "models_loaded", "models",
+    }
+    assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4
+    assert gpu0["total_memory_gb"] == 16.0
+    assert httpx.get(f"http://{server_url}/health").json() == {"status": "ok"}

@@ -1,0 +1,97 @@
+"""LocalAgreement-2 with hand-made hypotheses: what gets committed, when, and what the buffer keeps."""
+from __future__ import annotations
+
+import numpy as np
+
+from backends.asr_types import Segment, Word
+from streamserver.policy import HypothesisBuffer, LocalAgreementPolicy
+from streamserver.transcript import Transcript
+
+
+def words(*spec: tuple[float, str]) -> list[Word]:
+    return [Word(t, t + 0.4, f" {w}") for t, w in spec]
+
+
+def test_commits_only_the_prefix_two_hypotheses_agree_on():
+    buf = HypothesisBuffer()
+    assert buf.insert(words((0.0, "hello"), (0.5, "word"))) == []
+    committed = buf.insert(words((0.0, "Hello,"), (0.5, "world"), (1.0, "how")))
+    assert [w.text for w in committed] == [" Hello,"]  # case and punctuation don't block agreement
+    assert [w.text for w in buf.pending] == [" world", " how"]
+    assert [w.text for w in buf.insert(words((0.5, "world"), (1.0, "how"), (1.5, "are")))] == [" world", " how"]
+    assert [w.text for w in buf.flush()] == [" are"]
+    assert buf.pending == []
+
+
+def test_words_repeated_from_the_committed_tail_are_not_committed_twice():
+    buf = HypothesisBuffer()
+    buf.insert(words((0.0, "one"), (0.5, "two")))
+    buf.insert(words((0.0, "one"), (0.5, "two"), (1.0, "three")))
+    # Whisper restarts its hypothesis with the already committed "two" (times slightly off).
+    h = words((0.95, "two"), (1.0, "three"), (1.5, "four"))
+    assert buf.insert(h) == [h[1]]
+
+
+class ScriptedASR:
+    """Returns, for each call, words for the audio it was given: one word per 0.5 s."""
+
+    def __init__(self, vocabulary: list[str]) -> None:
+        self.vocabulary = vocabulary
+        self.calls: list[tuple[float, str]] = []
+
+    def __call__(self, audio: np.ndarray, prompt: str) -> list[Segment]:
+        seconds = len(audio) / 16000
+        self.calls.append((seconds, prompt))
+        # words are laid out on absolute time; the policy passes buffer-relative audio, so we
+        # need the policy's offset: the test sets it through `offset_of` below.
+        start = self.offset_of()
+        ws = []
+        t = 0.0
+        while t + 0.5 <= seconds + 1e-9:
+            idx = int(round((start + t) / 0.5))
+            ws.append(Word(t, t + 0.45, f" {self.vocabulary[idx % len(self.vocabulary)]}"))
+            t += 0.5
+        # a segment every 2 words
+        return [Segment(ws[i].start, ws[min(i + 1, len(ws) - 1)].end, tuple(ws[i:i + 2])) for i in range(0, len(ws), 2)]
+
+
+def run_policy(seconds: float, chunk: float = 1.0, trim: float = 15.0, max_buffer: float = 25.0):
+    vocab = [f"w{i}" for i in range(1000)]
+    asr = ScriptedASR(vocab)
+    policy = LocalAgreementPolicy(asr, trim_seconds=trim, max_buffer_seconds=max_buffer)
+    asr.offset_of = lambda: policy.offset
+    transcript = Transcript()
+    longest_buffer = 0.0
+    for _ in range(int(seconds / chunk)):
+        policy.insert_audio(np.zeros(int(chunk * 16000), dtype=np.float32))
+        out = policy.process()
+        transcript.add_words(out.committed)
+        longest_buffer = max(longest_buffer, policy.buffer_seconds)
+    transcript.add_words(policy.finish())
+    return transcript, asr, longest_buffer, vocab
+
+
+def test_a_long_stream_commits_every_word_once_in_order_and_the_buffer_stays_bounded():
+    transcript, asr, longest, vocab = run_policy(60.0)
+    text = transcript.lines[0].text.split()
+    assert text == vocab[:120]
+    assert longest <= 15.0 + 1.0 + 1e-6
+    # the prompt carries committed text that has left the buffer
+    assert any("w1" in prompt for _, prompt in asr.calls[-5:])
+
+
+def test_the_buffer_is_cut_even_without_agreed_segment_ends():
+    transcript, _, longest, vocab = run_policy(40.0, trim=100.0, max_buffer=8.0)
+    assert longest <= 9.0 + 1e-6
+    assert transcript.lines[0].text.split() == vocab[:80]
+
+
+def test_transcript_lines_grow_at_the_end_only():
+    t = Transcript()
+    t.add_silence(0.0, 2.5)
+    t.add_words(words((2.6, "hello"), (3.1, "there")))
+    t.add_silence(3.5, 6.0)
+    t.add_silence(3.5, 7.0)  # the same silence, longer
+    t.add_words(words((7.2, "again")))
+    assert [(l.speaker, l.text) for l in t.lines] == [(-2, ""), (1, "hello there"), (-2, ""), (1, "again")]
+    assert t.lines[2].end == 7.0 and t.lines[1].start == 2.6
