@@ -1,0 +1,134 @@
+"""Load client: N concurrent streams of one file at real-time pace; caption lag, WER, server memory.
+
+    python bench/load_client.py --url ws://127.0.0.1:8000/asr --streams 4 \
+        --audio speech.wav --reference "the words spoken"
+
+Audio is sent as PCM s16le 16 kHz (`?format=pcm`), in `--chunk-ms` pieces at
+real-time pace. Caption lag is measured per committed word: the wall time at
+which it first appears in `lines`, minus the wall time at which the end of its
+line's audio was sent.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import websockets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.metrics import percentile, wer  # noqa: E402
+
+
+def load_pcm16k(path: str) -> bytes:
+    """Any audio file → 16 kHz mono s16le bytes (through ffmpeg)."""
+    out = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-f", "s16le", "-ac", "1", "-ar", "16000", "-"],
+        check=True, capture_output=True,
+    )
+    return out.stdout
+
+
+@dataclass
+class StreamResult:
+    gpu_id: int | None = None
+    text: str = ""
+    lags: list[float] = field(default_factory=list)
+    error: str | None = None
+    updates: int = 0
+
+
+async def run_stream(url: str, pcm: bytes, chunk_ms: int, start_delay: float) -> StreamResult:
+    result = StreamResult()
+    await asyncio.sleep(start_delay)
+    sep = "&" if "?" in url else "?"
+    try:
+        async with websockets.connect(f"{url}{sep}format=pcm", max_size=None, open_timeout=60) as ws:
+            config = json.loads(await ws.recv())
+            result.gpu_id = config.get("gpu_id")
+            t0 = time.monotonic()
+            seen_words = 0
+
+            async def sender() -> None:
+                step = 16000 * 2 * chunk_ms // 1000
+                for i, off in enumerate(range(0, len(pcm), step)):
+                    await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 - time.monotonic()))
+                    await ws.send(pcm[off:off + step])
+                await ws.send(b"")
+
+            send_task = asyncio.create_task(sender())
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") == "error":
+                    result.error = msg["error"]
+                    break
+                if msg.get("type") == "ready_to_stop":
+                    break
+                if "lines" not in msg:
+                    continue
+                result.updates += 1
+                now = time.monotonic()
+                speech = [ln for ln in msg["lines"] if ln["speaker"] != -2]
+                words = " ".join(ln["text"] for ln in speech).split()
+                if len(words) > seen_words and speech:
+                    audio_end = speech[-1]["end_s"]
+                    sent_at = t0 + min(audio_end, len(pcm) / 32000)
+                    result.lags.extend([now - sent_at] * (len(words) - seen_words))
+                    seen_words = len(words)
+                result.text = " ".join(ln["text"] for ln in speech)
+            await send_task
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it doesn't crash
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def run(url: str, pcm: bytes, streams: int, chunk_ms: int, stagger: float) -> list[StreamResult]:
+    return await asyncio.gather(*(run_stream(url, pcm, chunk_ms, i * stagger) for i in range(streams)))
+
+
+def server_memory(url: str) -> str:
+    base = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/asr", 1)[0]
+    try:
+        status = httpx.get(f"{base}/gpu-status", timeout=5).json()
+    except Exception as exc:  # noqa: BLE001
+        return f"unavailable ({exc})"
+    return ", ".join(f"GPU {g['gpu_id']}: {g['allocated_memory_gb']:.2f}/{g['total_memory_gb']:.2f} GB"
+                     for g in status["gpus"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="ws://127.0.0.1:8000/asr")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--audio", required=True)
+    ap.add_argument("--reference", default="", help="reference text (or @file)")
+    ap.add_argument("--chunk-ms", type=int, default=100)
+    ap.add_argument("--stagger", type=float, default=0.25, help="seconds between stream starts")
+    args = ap.parse_args()
+    reference = Path(args.reference[1:]).read_text() if args.reference.startswith("@") else args.reference
+    pcm = load_pcm16k(args.audio)
+    results = asyncio.run(run(args.url, pcm, args.streams, args.chunk_ms, args.stagger))
+    memory = server_memory(args.url)
+    lags = [x for r in results for x in r.lags]
+    wers = [wer(reference, r.text) for r in results if reference and not r.error]
+    errors = [r.error for r in results if r.error]
+    print(f"streams={args.streams} audio={len(pcm) / 32000:.1f}s chunk={args.chunk_ms}ms")
+    print(f"caption lag: p50 {percentile(lags, .5):.2f} s  p95 {percentile(lags, .95):.2f} s  (n={len(lags)} words)")
+    if wers:
+        print(f"WER: mean {np.mean(wers):.3f}  worst {max(wers):.3f}")
+    print(f"per-stream p95 lag: " + " ".join(f"{percentile(r.lags, .95):.2f}" for r in results))
+    print(f"devices: {sorted({r.gpu_id for r in results if r.gpu_id is not None})}  errors: {len(errors)} {errors[:3]}")
+    print(f"server memory after: {memory}")
+    if results and results[0].text:
+        print(f"stream 0 text: {results[0].text}")
+
+
+if __name__ == "__main__":
+    main()
