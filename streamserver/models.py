@@ -28,7 +28,7 @@ def make_loader(config: ServerConfig) -> ModelLoader:
             asr=asr,
             vad=vad,
             names=[f"whisper:{config.model_label}", "vad:silero"],
-            model_bytes=_param_bytes(whisper_model) + _param_bytes(vad.model),
+            model_bytes=_param_bytes(whisper_model) + _param_bytes(vad.net),
             stream_bytes=asr.stream_bytes(),
         )
 

@@ -1,0 +1,203 @@
+"""Silero VAD (16 kHz) as a stateless model shared by many streams, plus a segmenter.
+
+The silero-vad package's JIT model keeps its LSTM state and audio context inside the
+module, so one instance can serve only one stream.  Here the same weights (the
+``silero_vad_16k.safetensors`` file the package ships) run in a plain ``nn.Module`` and
+every stream's recurrent state lives in its own :class:`VadState`, so one
+:class:`SileroVAD` per device serves every connection and a scheduler can batch
+windows from many streams into one forward.
+
+We never ``import silero_vad``: its ``model.py`` calls ``torch.set_num_threads(1)`` at
+import time, which would slow every other torch op in the process.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SAMPLE_RATE = 16000
+WINDOW = 512  # new samples per step (32 ms)
+CONTEXT = 64  # samples of the previous window prepended to each step's input
+_HIDDEN = 128
+
+
+def _weights_path() -> Path:
+    """Find the package's safetensors file without executing the package (see module doc)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("silero-vad is not installed; it ships the VAD weights")
+    return Path(spec.submodule_search_locations[0]) / "data" / "silero_vad_16k.safetensors"
+
+
+class _SileroNet(nn.Module):
+    """Silero VAD v5 16 kHz network, split so the recurrence is the only sequential part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stft_conv = nn.Conv1d(1, 258, kernel_size=256, stride=128, bias=False)
+        self.conv1 = nn.Conv1d(129, 128, 3, padding=1)
+        self.conv2 = nn.Conv1d(128, 64, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(64, 64, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv1d(64, _HIDDEN, 3, padding=1)
+        self.lstm_cell = nn.LSTMCell(_HIDDEN, _HIDDEN)
+        self.final_conv = nn.Conv1d(_HIDDEN, 1, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, CONTEXT+WINDOW] audio -> [N, 128] features; windows are independent here."""
+        x = F.pad(x.unsqueeze(1), (0, 64), mode="reflect")
+        x = self.stft_conv(x)  # [N, 258, 4]: real and imaginary parts of a 256-point STFT
+        x = torch.sqrt(x[:, :129] ** 2 + x[:, 129:] ** 2)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return F.relu(self.conv4(x)).squeeze(-1)  # time axis is 1 after two stride-2 convs
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, 128] LSTM output -> [N] speech probability."""
+        return torch.sigmoid(self.final_conv(F.relu(h).unsqueeze(-1))).mean(dim=(1, 2))
+
+
+@dataclass
+class VadState:
+    """One stream's VAD state; the model object itself holds none of this."""
+
+    h: torch.Tensor | None = None  # [1, 128] LSTM hidden, on the model's device; None = zeros
+    c: torch.Tensor | None = None  # [1, 128] LSTM cell
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
+    leftover: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+class SileroVAD:
+    """Shared per device; holds no per-stream state."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        net = _SileroNet()
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(_weights_path())), strict=True)
+        self.net = net.eval().requires_grad_(False).to(self.device)
+        self._zeros = torch.zeros(1, _HIDDEN, device=self.device)
+
+    def new_state(self) -> VadState:
+        return VadState()
+
+    def _hc(self, states: list[VadState]) -> tuple[torch.Tensor, torch.Tensor]:
+        hs = [s.h if s.h is not None else self._zeros for s in states]
+        cs = [s.c if s.c is not None else self._zeros for s in states]
+        if len(states) == 1:
+            return hs[0], cs[0]
+        return torch.cat(hs), torch.cat(cs)
+
+    @torch.inference_mode()
+    def step(self, states: list[VadState], windows: np.ndarray) -> np.ndarray:
+        """Advance each stream by one window of WINDOW new samples in one batched forward.
+
+        ``windows`` is float32 [B, WINDOW], row i belonging to ``states[i]``.  Returns the
+        B speech probabilities and updates each state's h/c/context in place.
+        """
+        windows = np.asarray(windows, dtype=np.float32)
+        if windows.ndim != 2 or windows.shape != (len(states), WINDOW):
+            raise ValueError(f"windows must be [{len(states)}, {WINDOW}], got {windows.shape}")
+        x = np.empty((len(states), CONTEXT + WINDOW), np.float32)
+        for i, s in enumerate(states):
+            x[i, :CONTEXT] = s.context
+        x[:, CONTEXT:] = windows
+        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+        h, c = self.net.lstm_cell(self.net.encode(xt), self._hc(states))
+        probs = self.net.decode(h).float().cpu().numpy()
+        for i, s in enumerate(states):
+            s.h, s.c = h[i : i + 1], c[i : i + 1]
+            s.context = x[i, -CONTEXT:].copy()
+        return probs
+
+    @torch.inference_mode()
+    def probabilities(self, state: VadState, audio: np.ndarray) -> np.ndarray:
+        """Feed one stream's audio (any length); one probability per completed window.
+
+        Samples short of a full window wait in ``state.leftover``.  Only the LSTM cell
+        is recurrent: every window's input (its context is simply the preceding audio) is
+        known up front, so the convolutional encoder and the decoder run batched over
+        time and the Python loop does one small LSTMCell call per window.
+        """
+        buf = np.concatenate([state.leftover, np.asarray(audio, np.float32).reshape(-1)])
+        n = len(buf) // WINDOW
+        if n == 0:
+            state.leftover = buf
+            return np.zeros(0, np.float32)
+        used = n * WINDOW
+        seq = np.concatenate([state.context, buf[:used]])  # CONTEXT + n*WINDOW samples
+        frames = np.lib.stride_tricks.sliding_window_view(seq, CONTEXT + WINDOW)[::WINDOW]
+        feats = self.net.encode(torch.from_numpy(np.array(frames, dtype=np.float32)).to(self.device))
+        h, c = self._hc([state])
+        cell = self.net.lstm_cell
+        outs = []
+        for t in range(n):
+            h, c = cell(feats[t : t + 1], (h, c))
+            outs.append(h)
+        probs = self.net.decode(torch.cat(outs)).float().cpu().numpy()
+        state.h, state.c = h, c
+        state.context = seq[-CONTEXT:].copy()
+        state.leftover = buf[used:].copy()
+        return probs
+
+
+@dataclass
+class SpeechEvent:
+    """A speech boundary, already widened by the segmenter's speech pad."""
+
+    kind: Literal["start", "end"]
+    sample: int  # absolute stream sample index at 16 kHz
+
+
+class SpeechSegmenter:
+    """Turns one stream's per-window probabilities into start/end events (no torch).
+
+    Follows silero's ``VADIterator``: speech starts at the first window with
+    probability >= ``threshold``; it ends once probabilities have stayed below
+    ``threshold - 0.15`` (hysteresis, so a wavering score does not chatter) for
+    ``min_silence_ms``, a window back at >= ``threshold`` cancelling the pending end.
+    The start is moved ``speech_pad_ms`` earlier and the end (the first silent
+    window's start) ``speech_pad_ms`` later, so soft word edges are not cut.
+    """
+
+    def __init__(self, threshold: float = 0.5, min_silence_ms: int = 500, speech_pad_ms: int = 100) -> None:
+        self.threshold = threshold
+        self.neg_threshold = max(threshold - 0.15, 0.01)  # as get_speech_timestamps
+        self.min_silence_samples = SAMPLE_RATE * min_silence_ms // 1000
+        self.pad_samples = SAMPLE_RATE * speech_pad_ms // 1000
+        self._windows = 0  # windows seen so far: the absolute clock
+        self._triggered = False
+        self._silence_from: int | None = None  # start sample of the pending silence
+
+    @property
+    def in_speech(self) -> bool:
+        return self._triggered
+
+    def push(self, probs: np.ndarray) -> list[SpeechEvent]:
+        """Consume probabilities for the next consecutive WINDOW-sample windows."""
+        events: list[SpeechEvent] = []
+        for p in np.asarray(probs, dtype=np.float64).reshape(-1):
+            begin = self._windows * WINDOW
+            self._windows += 1
+            if p >= self.threshold:
+                self._silence_from = None
+                if not self._triggered:
+                    self._triggered = True
+                    events.append(SpeechEvent("start", max(0, begin - self.pad_samples)))
+            elif p < self.neg_threshold and self._triggered:
+                if self._silence_from is None:
+                    self._silence_from = begin
+                # VADIterator measures from the end of the first silent window.
+                if begin - self._silence_from >= self.min_silence_samples:
+                    events.append(SpeechEvent("end", self._silence_from + self.pad_samples))
+                    self._triggered = False
+                    self._silence_from = None
+        return events
