@@ -170,8 +170,11 @@ class Connection:
             session = Session(self.inbox, models.asr, models.vad, options)
             while not self.ended:
                 try:
-                    await asyncio.wait_for(self.audio_arrived.wait(), HEARTBEAT_SECONDS)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                    # that lands as the event fires, and the connection would never end.
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
+                        await self.audio_arrived.wait()
+                except TimeoutError:
                     continue
                 self.audio_arrived.clear()
                 state = await self._infer(session.step)

@@ -1,6 +1,7 @@
 """Admission over real sockets: the config message, round-robin placement, 1008 when full, freed slots."""
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -68,7 +69,8 @@ def test_a_client_that_vanishes_frees_its_slot(server_url):
     ws = open_asr(server_url)
     recv_json(ws)
     ws.send(b"\x00\x01" * 8000)
-    ws.socket.close()  # no close frame: the TCP connection just drops
+    ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the TCP connection just drops
+    ws.socket.close()
     wait_for(lambda: active(server_url) == 0)
 
 

@@ -1,0 +1,91 @@
+"""The command line: flags, STREAMSERVER_* variables, and `streamserver --simulate-gpus 4x16` over real sockets."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from streamserver.cli import parse_config
+from tests.live import free_port, open_asr, recv_json
+
+
+def test_defaults_match_the_contract(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("STREAMSERVER_"):
+            monkeypatch.delenv(key)
+    c = parse_config([])
+    assert (c.host, c.port, c.model, c.max_connections_per_gpu, c.max_frame_bytes) == (
+        "127.0.0.1", 8000, "tiny.en", 4, 1048576)
+    assert (c.idle_unload_seconds, c.silence_line_seconds, c.drain_seconds) == (120, 2, 30)
+    assert c.effective_language == "en" and c.default_format == "auto" and c.policy == "localagreement"
+
+
+def test_environment_sets_flags_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setenv("STREAMSERVER_SIMULATE_GPUS", "2x8")
+    monkeypatch.setenv("STREAMSERVER_PORT", "9001")
+    monkeypatch.setenv("STREAMSERVER_PCM_INPUT", "true")
+    monkeypatch.setenv("STREAMSERVER_GPUS", "0,1")
+    c = parse_config(["--port", "9002"])
+    assert c.simulate_gpus == "2x8" and c.port == 9002 and c.pcm_input and c.gpus == (0, 1)
+    assert parse_config(["--max-connections-per-gpu", "7"]).max_connections_per_gpu == 7
+
+
+@pytest.fixture
+def cli_server(tmp_path):
+    port = free_port()
+    env = dict(os.environ, STREAMSERVER_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamserver", "--simulate-gpus", "4x16", "--port", str(port), "--pcm-input"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+    yield base, proc
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_simulated_four_gpus_admit_sixteen_and_refuse_the_seventeenth(cli_server):
+    base, proc = cli_server
+    sockets = []
+    try:
+        for i in range(16):
+            ws = open_asr(base)
+            assert recv_json(ws, timeout=30)["gpu_id"] == i % 4
+            sockets.append(ws)
+        extra = open_asr(base)
+        with pytest.raises(ConnectionClosed) as closed:
+            extra.recv(timeout=10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "No GPU resources available")
+        status = httpx.get(f"http://{base}/gpu-status").json()
+        assert status["simulated"] is True and status["total_connections"] == 16
+        assert [g["active_connections"] for g in status["gpus"]] == [4, 4, 4, 4]
+        sockets.pop(0).close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://{base}/gpu-status").json()["total_connections"] != 15:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ws = open_asr(base)
+        assert recv_json(ws, timeout=30)["gpu_id"] == 0
+        sockets.append(ws)
+    finally:
+        for ws in sockets:
+            ws.close()
+    proc.terminate()
+    out = proc.communicate(timeout=30)[0]
+    assert "Rejected connection" in out and "No GPU resources available (16/16 connections)" in out
+    assert "(Load: 4/4, Memory:" in out and "WebSocket opened on GPU 3" in out
