@@ -1,11 +1,17 @@
 """Silero VAD (16 kHz) as a stateless model shared by many streams, plus a segmenter.
 
 The silero-vad package's JIT model keeps its LSTM state and audio context inside the
-module, so one instance can serve only one stream.  Here the same weights (the
-``silero_vad_16k.safetensors`` file the package ships) run in a plain ``nn.Module`` and
-every stream's recurrent state lives in its own :class:`VadState`, so one
-:class:`SileroVAD` per device serves every connection and a scheduler can batch
-windows from many streams into one forward.
+module, so one instance can serve only one stream.  Here the same network runs as a
+plain ``nn.Module`` and every stream's recurrent state lives in its own
+:class:`VadState`, so one :class:`SileroVAD` per device serves every connection and a
+scheduler can batch windows from many streams into one forward.
+
+Weights: in silero-vad 6.2.3 the shipped ``silero_vad_16k.safetensors`` holds
+*different* (older) weights than ``silero_vad.jit`` and every ``*.onnx`` file, which
+agree with each other; its probabilities differ from ``load_silero_vad()`` by up to
+0.8.  So by default we read the tensors out of the JIT archive (``torch.jit.load`` of
+the file only; nothing of the package runs) and map them by name; ``weights=
+"safetensors"`` keeps the other file available.
 
 We never ``import silero_vad``: its ``model.py`` calls ``torch.set_num_threads(1)`` at
 import time, which would slow every other torch op in the process.
@@ -28,16 +34,31 @@ CONTEXT = 64  # samples of the previous window prepended to each step's input
 _HIDDEN = 128
 
 
-def _weights_path() -> Path:
-    """Find the package's safetensors file without executing the package (see module doc)."""
+def _data_dir() -> Path:
+    """The package's data folder, found without executing the package (see module doc)."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("silero-vad is not installed; it ships the VAD weights")
-    return Path(spec.submodule_search_locations[0]) / "data" / "silero_vad_16k.safetensors"
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def _load_weights(source: Literal["jit", "safetensors"]) -> dict[str, torch.Tensor]:
+    """State dict for :class:`_SileroNet` from one of the package's files (module doc)."""
+    if source == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(_data_dir() / "silero_vad_16k.safetensors"))
+    jit = torch.jit.load(str(_data_dir() / "silero_vad.jit"), map_location="cpu")
+    names = {"stft.forward_basis_buffer": "stft_conv.weight"}
+    names.update({f"encoder.{i}.reparam_conv.{w}": f"conv{i + 1}.{w}" for i in range(4) for w in ("weight", "bias")})
+    names.update({f"decoder.rnn.{w}": f"lstm_cell.{w}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+    names.update({f"decoder.decoder.2.{w}": f"final_conv.{w}" for w in ("weight", "bias")})
+    tensors = dict(jit._model.named_parameters()) | dict(jit._model.named_buffers())  # 16 kHz branch
+    return {names[k]: t.detach().clone() for k, t in tensors.items() if k in names}
 
 
 class _SileroNet(nn.Module):
-    """Silero VAD v5 16 kHz network, split so the recurrence is the only sequential part."""
+    """Silero VAD 16 kHz net (as in tinygrad_model.py), split so only the LSTM is sequential."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,12 +98,10 @@ class VadState:
 class SileroVAD:
     """Shared per device; holds no per-stream state."""
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    def __init__(self, device: str | torch.device = "cpu", weights: Literal["jit", "safetensors"] = "jit") -> None:
         self.device = torch.device(device)
         net = _SileroNet()
-        from safetensors.torch import load_file
-
-        net.load_state_dict(load_file(str(_weights_path())), strict=True)
+        net.load_state_dict(_load_weights(weights), strict=True)  # strict: every name mapped
         self.net = net.eval().requires_grad_(False).to(self.device)
         self._zeros = torch.zeros(1, _HIDDEN, device=self.device)
 
