@@ -167,7 +167,7 @@ class Connection:
         try:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
             options = SessionOptions(self.config.silence_line_seconds, language=self.language)
-            session = Session(self.inbox, models.asr, models.vad, options)
+            session = Session(self.inbox, models, options)
             while not self.ended:
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel

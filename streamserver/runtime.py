@@ -26,10 +26,11 @@ T = TypeVar("T")
 
 @dataclass
 class DeviceModels:
-    """What one device has loaded: the ASR and the VAD, and what they weigh."""
+    """What one device has loaded: the ASR, the VAD, the diarizer (None when off), and what they weigh."""
 
     asr: Any
     vad: Any
+    diarizer: Any = None
     names: list[str] = field(default_factory=list)
     model_bytes: int = 0
     stream_bytes: int = 0

@@ -16,6 +16,7 @@ import numpy as np
 from backends.asr_types import join_words
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter
 
+from .attribution import SpeakerAttribution
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
 from .protocol import CaptionState
 from .transcript import Transcript
@@ -56,14 +57,20 @@ class AudioInbox:
 
 
 class Session:
-    def __init__(self, inbox: AudioInbox, asr, vad: SileroVAD, options: SessionOptions = SessionOptions()) -> None:
+    """`models` is the device's shared `DeviceModels` (asr, vad, and a diarizer or None)."""
+
+    def __init__(self, inbox: AudioInbox, models, options: SessionOptions = SessionOptions()) -> None:
         self.inbox = inbox
         self.options = options
-        self.vad = vad
-        self.vad_state = vad.new_state()
+        asr = models.asr
+        self.vad: SileroVAD = models.vad
+        self.vad_state = self.vad.new_state()
         self.segmenter = SpeechSegmenter()
         self.policy = LocalAgreementPolicy(lambda audio, prompt: asr.transcribe(audio, prompt, options.language))
         self.transcript = Transcript()
+        self.diarizer = models.diarizer
+        self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None
+        self.attribution = SpeakerAttribution() if self.diarizer is not None else None
         self._lock = threading.Lock()  # step() and finish() never overlap
         # Audio after `_recent_start` (absolute sample index) not yet handed on: the VAD
         # moves a speech start back by its padding, so we keep a little history.
@@ -83,8 +90,9 @@ class Session:
             self._take_in()
             if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
                 out = self.policy.process()
-                self.transcript.add_words(out.committed)
+                self._commit(out.committed)
                 self._tentative = out.tentative
+            self._attribute()
             self._note_silence(self._vad_samples)
             return self.state()
 
@@ -95,19 +103,26 @@ class Session:
             tail_end = self._recent_start + len(self._recent)
             if self._in_speech:
                 self._feed_policy(tail_end)
-                self.transcript.add_words(self.policy.finish())
+                self._commit(self.policy.finish())
                 self._in_speech = False
                 self._speech_end = tail_end
             self._tentative = []
+            if self.diarizer is not None:
+                self.attribution.add_turns(self.diarizer.flush(self.diarizer_state), tail_end / SAMPLE_RATE)
+            self._attribute(everything=True)
             self._note_silence(tail_end)
             return self.state(final=True)
 
     def state(self, final: bool = False) -> CaptionState:
         done = self.policy.processed_until if self._in_speech else self._vad_samples / SAMPLE_RATE
+        received = self.inbox.received_seconds
+        diarized = received if self.attribution is None else self.attribution.covered_until
         return CaptionState(
             lines=self.transcript.snapshot(),
             buffer_transcription="" if final else join_words(self._tentative),
-            remaining_transcription=0.0 if final else self.inbox.received_seconds - done,
+            buffer_diarization="" if final or self.attribution is None else self.attribution.waiting_text,
+            remaining_transcription=0.0 if final else received - done,
+            remaining_diarization=0.0 if final else received - diarized,
             speech_detected=self._speech_seen,
         )
 
@@ -118,6 +133,11 @@ class Session:
             return
         self._recent = np.concatenate([self._recent, audio])
         probs = self.vad.probabilities(self.vad_state, audio)
+        if self.diarizer is not None and len(probs):
+            a = self._vad_samples - self._recent_start
+            windows = self._recent[a:a + len(probs) * WINDOW]
+            turns = self.diarizer.process(self.diarizer_state, windows, probs)
+            self.attribution.add_turns(turns, self.diarizer_state.covered_until)
         for event in self.segmenter.push(probs):
             if event.kind == "start":
                 self._speech_starts(max(event.sample, self._speech_end, self._recent_start))
@@ -135,9 +155,21 @@ class Session:
         self.policy.start(sample / SAMPLE_RATE)
         self._fed_until = sample
 
+    def _commit(self, words: list) -> None:
+        """Committed words go to the transcript, through attribution when there is a diarizer."""
+        if self.attribution is None:
+            self.transcript.add_words(words)
+        else:
+            self.attribution.add_words(words)
+
+    def _attribute(self, everything: bool = False) -> None:
+        if self.attribution is not None:
+            for word, speaker in self.attribution.take_ready(everything):
+                self.transcript.add_words([word], speaker)
+
     def _speech_ends(self, sample: int) -> None:
         self._feed_policy(sample)
-        self.transcript.add_words(self.policy.finish())
+        self._commit(self.policy.finish())
         self._tentative = []
         self._in_speech = False
         self._speech_end = sample

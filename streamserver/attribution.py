@@ -1,0 +1,73 @@
+"""Attribution: which speaker said each committed word.
+
+Committed words wait here until the diarizer has covered their time span;
+then each goes to the speaker whose turns overlap it most. Backend labels are
+renumbered 1, 2, ... in order of first appearance, so clients see stable,
+small numbers whatever the backend calls its speakers.
+"""
+from __future__ import annotations
+
+from backends.asr_types import Word, join_words
+from backends.diarization_types import SpeakerTurn
+
+# A word no turn overlaps takes the nearest turn's speaker if one is this close.
+NEAREST_TURN_SECONDS = 1.0
+
+
+class SpeakerAttribution:
+    def __init__(self) -> None:
+        self.turns: list[SpeakerTurn] = []
+        self.covered_until = 0.0
+        self.waiting: list[Word] = []
+        self.numbers: dict[int, int] = {}
+        self.last_number: int | None = None
+
+    def add_turns(self, turns: list[SpeakerTurn], covered_until: float) -> None:
+        self.turns.extend(turns)
+        self.covered_until = max(self.covered_until, covered_until)
+
+    def add_words(self, words: list[Word]) -> None:
+        self.waiting.extend(words)
+
+    def take_ready(self, everything: bool = False) -> list[tuple[Word, int]]:
+        """Words whose time the diarizer has covered (all of them with `everything`), with speaker numbers."""
+        ready: list[tuple[Word, int]] = []
+        while self.waiting and (everything or self.waiting[0].end <= self.covered_until):
+            word = self.waiting.pop(0)
+            ready.append((word, self._number_of(word)))
+        if ready:
+            self._forget_turns_before(ready[-1][0].start - NEAREST_TURN_SECONDS)
+        return ready
+
+    @property
+    def waiting_text(self) -> str:
+        return join_words(self.waiting)
+
+    def _number_of(self, word: Word) -> int:
+        label = self._label_of(word)
+        if label is None:
+            number = self.last_number or 1
+        else:
+            number = self.numbers.setdefault(label, len(self.numbers) + 1)
+        self.last_number = number
+        return number
+
+    def _label_of(self, word: Word) -> int | None:
+        overlap: dict[int, float] = {}
+        for t in self.turns:
+            o = min(t.end, word.end) - max(t.start, word.start)
+            if o > 0:
+                overlap[t.speaker] = overlap.get(t.speaker, 0.0) + o
+        if overlap:
+            return max(overlap, key=lambda k: (overlap[k], -k))
+        nearest = min(self.turns, key=lambda t: _gap(t, word), default=None)
+        if nearest is not None and _gap(nearest, word) <= NEAREST_TURN_SECONDS:
+            return nearest.speaker
+        return None
+
+    def _forget_turns_before(self, t: float) -> None:
+        self.turns = [turn for turn in self.turns if turn.end >= t]
+
+
+def _gap(turn: SpeakerTurn, word: Word) -> float:
+    return max(turn.start - word.end, word.start - turn.end, 0.0)
