@@ -111,9 +111,13 @@ def main() -> None:
     ap.add_argument("--reference", default="", help="reference text (or @file)")
     ap.add_argument("--chunk-ms", type=int, default=100)
     ap.add_argument("--stagger", type=float, default=0.25, help="seconds between stream starts")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="measure the first streams too (they pay for the lazy model load)")
     args = ap.parse_args()
     reference = Path(args.reference[1:]).read_text() if args.reference.startswith("@") else args.reference
     pcm = load_pcm16k(args.audio)
+    if not args.no_warmup:  # the same streams with 2 s of audio, so every device they land on has loaded
+        asyncio.run(run(args.url, pcm[: 2 * 32000], args.streams, args.chunk_ms, 0.0))
     results = asyncio.run(run(args.url, pcm, args.streams, args.chunk_ms, args.stagger))
     memory = server_memory(args.url)
     lags = [x for r in results for x in r.lags]
