@@ -64,3 +64,42 @@ class LoudVAD:
 def fake_loader(device: Device) -> DeviceModels:
     return DeviceModels(asr=EchoASR(), vad=LoudVAD(), names=["whisper:fake", "vad:fake"],
                         model_bytes=100 * 2**20, stream_bytes=2**20)
+
+
+@dataclass
+class _LevelState:
+    covered_until: float = 0.0
+    samples: int = 0
+
+
+class LevelDiarizer:
+    """Stands in for a diarizer: loud audio is speaker 0, quiet audio speaker 1, labelled 1 s late."""
+
+    lag_seconds = 1.0
+
+    def new_state(self) -> _LevelState:
+        return _LevelState()
+
+    def process(self, state: _LevelState, audio: np.ndarray, vad_probs: np.ndarray) -> list:
+        from backends.diarization_types import SpeakerTurn
+
+        turns = []
+        for i in range(0, len(audio) - 1599, 1600):  # 0.1-s frames
+            t = (state.samples + i) / 16000
+            level = float(np.abs(audio[i:i + 1600]).mean())
+            if level > 0.01:
+                turns.append(SpeakerTurn(t, t + 0.1, 0 if level > 0.1 else 1))
+        state.samples += len(audio)
+        state.covered_until = max(0.0, state.samples / 16000 - self.lag_seconds)
+        return turns
+
+    def flush(self, state: _LevelState) -> list:
+        state.covered_until = state.samples / 16000
+        return []
+
+
+def fake_loader_with_diarizer(device: Device) -> DeviceModels:
+    models = fake_loader(device)
+    models.diarizer = LevelDiarizer()
+    models.names.append("diarization:fake")
+    return models
