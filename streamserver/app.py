@@ -6,9 +6,11 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from .admin import load_models, unload_models
+from .auth import require_token
 from .config import ServerConfig
 from .connection import asr_endpoint
 from .runtime import ModelLoader
@@ -21,9 +23,24 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def ready(request: Request) -> JSONResponse:
+    """For load balancers: 503 while no stream would be admitted (every device full, or draining)."""
+    reason = request.app.state.server.readiness()
+    if reason is None:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+
+@require_token
 async def gpu_status(request: Request) -> JSONResponse:
     server: Server = request.app.state.server
     return JSONResponse(server.gpu_status())
+
+
+@require_token
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.server.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = None, nvml_factory=None) -> Starlette:
@@ -40,7 +57,11 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
     app = Starlette(
         routes=[
             Route("/health", health),
+            Route("/ready", ready),
             Route("/gpu-status", gpu_status),
+            Route("/metrics", metrics),
+            Route("/models/load", load_models, methods=["POST"]),
+            Route("/models/unload", unload_models, methods=["POST"]),
             WebSocketRoute("/asr", asr_endpoint),
         ],
         lifespan=lifespan,

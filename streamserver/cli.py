@@ -1,4 +1,7 @@
-"""`streamserver` on the command line: flags (or STREAMSERVER_* variables) → config → uvicorn."""
+"""`streamserver` on the command line: flags (or STREAMSERVER_* variables) → config → uvicorn.
+
+`streamserver status` and `streamserver models ...` are the operator's client (ctl.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +9,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from . import ctl
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from .runtime import ModelLoader
 
 ENV_PREFIX = "STREAMSERVER_"
 
@@ -64,7 +72,11 @@ FLAGS: list[tuple[str, object, str]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
-    parser = argparse.ArgumentParser(prog="streamserver", description="Live speech transcription over WebSockets")
+    parser = argparse.ArgumentParser(
+        prog="streamserver", description="Live speech transcription over WebSockets",
+        epilog="Subcommands for a running server: streamserver status [--url URL] [--token T]; "
+               "streamserver models load|unload --gpu N [--url URL] [--token T]",
+    )
     for name, kind, help_text in FLAGS:
         env = ENV_PREFIX + name.upper()
         if kind == "bool":
@@ -84,14 +96,20 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     return ServerConfig(**{name: getattr(args, name) for name, _, _ in FLAGS})
 
 
-def serve(config: ServerConfig) -> None:
+# After the drain: how long uvicorn waits for leftover tasks before cancelling them.
+SHUTDOWN_BACKSTOP_SECONDS = 5.0
+
+
+def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
+    """Serve until SIGTERM has drained the streams (exit 0) or SIGINT stops it. `loader`: models (tests: fakes)."""
     import uvicorn
 
     from .app import create_app
+    from .drain import GracefulServer
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
-    uvicorn.run(
+    app = create_app(config, loader)
+    uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -99,11 +117,19 @@ def serve(config: ServerConfig) -> None:
         ws_max_size=max(16 * 2**20, 4 * config.max_frame_bytes),
         ssl_certfile=config.ssl_certfile,
         ssl_keyfile=config.ssl_keyfile,
+        timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_SECONDS,
     )
+    server = GracefulServer(uv_config, app.state.server.drain, config.drain_seconds)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the port was taken, or startup failed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    serve(parse_config(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ctl.COMMANDS:
+        sys.exit(ctl.main(args))
+    serve(parse_config(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

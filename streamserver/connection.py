@@ -4,7 +4,10 @@ Three tasks per connection: the receiver (socket → decoder → inbox), the
 processor (inbox → device worker → caption state) and the sender (one merging
 "latest update" slot → socket, so a slow client gets fewer updates, never a
 growing queue). Every way out — end of stream, client gone, bad input, server
-failure — releases the device slot and the model reference exactly once.
+failure, drain — releases the device slot and the model reference exactly once.
+
+Before admission the socket is checked in the contract's order: origin, token,
+(format), draining, capacity; a refusal is a close with no `config` message.
 """
 from __future__ import annotations
 
@@ -20,18 +23,27 @@ from gpu_manager import Device
 
 from . import protocol
 from .audio import FORMATS, AudioDecodeError, make_decoder
+from .auth import origin_ok, token_ok
 from .errors import (
+    REFUSED_DRAINING,
     REFUSED_FULL,
+    REFUSED_ORIGIN,
+    REFUSED_UNAUTHORIZED,
+    SHUTTING_DOWN,
     ConnectionFailure,
     DecodeFailed,
     FrameTooLarge,
     GpuOutOfMemory,
     InternalError,
     NotBinary,
+    ShuttingDown,
     is_out_of_memory,
 )
+from .policy import SAMPLE_RATE
+from .protocol import CaptionState
 from .server import Server
 from .session import AudioInbox, Session, SessionOptions
+from .stream_meter import StreamMeter
 
 log = logging.getLogger("gpu_manager")
 errlog = logging.getLogger("streamserver.connection")
@@ -41,9 +53,11 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Final:
-    """The last things a stream is sent, in order, before the normal close."""
+    """The last things a stream is sent, in order, then the close with `code` and `reason`."""
 
     messages: tuple[dict, ...]
+    code: int = 1000
+    reason: str = ""
 
 
 class ClientGone(Exception):
@@ -69,23 +83,53 @@ class UpdateSlot:
 
 
 async def asr_endpoint(websocket: WebSocket) -> None:
-    """Admit, serve, and always release."""
+    """Check, admit, serve, and always release."""
     server: Server = websocket.app.state.server
-    fmt = websocket.query_params.get("format") or server.config.default_format
+    config = server.config
+    fmt = websocket.query_params.get("format") or config.default_format
     await websocket.accept()
+    if not origin_ok(config.allowed_origins, websocket):
+        await _refuse(server, websocket, "origin", 1008, REFUSED_ORIGIN)
+        return
+    if not token_ok(config.api_token, websocket):
+        await _refuse(server, websocket, "unauthorized", 1008, REFUSED_UNAUTHORIZED)
+        return
     if fmt not in FORMATS:
         await _refuse_with_error(websocket, f"Unsupported format {fmt!r} (use pcm, webm, ogg or auto)", 1008)
+        return
+    if server.drain.draining:
+        await _refuse(server, websocket, "draining", 1001, REFUSED_DRAINING)
         return
     connection_id = str(uuid.uuid4())
     device = server.allocator.allocate(connection_id)
     if device is None:
-        await websocket.close(1008, REFUSED_FULL)
+        await _refuse(server, websocket, "full", 1008, REFUSED_FULL)
         return
+    server.metrics.admitted(device.id)
+    connection = Connection(websocket, server, device, connection_id, fmt)
+    server.drain.register(connection)
     try:
         log.info("Connection %s: WebSocket opened on GPU %d", connection_id, device.id)
-        await Connection(websocket, server, device, connection_id, fmt).serve()
+        await connection.serve()
     finally:
+        server.drain.unregister(connection)
         server.allocator.release(connection_id)
+
+
+async def _refuse(server: Server, websocket: WebSocket, reason: str, code: int, message: str) -> None:
+    """A refusal before admission: counted by `reason`, and a close with no config message."""
+    server.metrics.rejected(reason)
+    if reason != "full":  # the allocator logs its own refusals
+        errlog.info("Refused connection from %s: %s", _peer(websocket), message)
+    try:
+        await websocket.close(code, message)
+    except Exception:
+        pass
+
+
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else "unknown"
 
 
 async def _refuse_with_error(websocket: WebSocket, message: str, code: int) -> None:
@@ -108,19 +152,33 @@ class Connection:
         self.format = fmt
         self.inbox = AudioInbox()
         self.audio_arrived = asyncio.Event()
-        self.ended = False
+        self.ended = False  # the client sent its end of stream
+        self.draining = False  # the server asked this stream to finish
+        self._aborted = asyncio.Event()
         self.slot = UpdateSlot()
         self.language = websocket.query_params.get("language") or None
+        self.meter = StreamMeter(server.metrics, device.id)
+
+    # -- drain (see drain.py) -----------------------------------------------
+    def begin_drain(self) -> None:
+        """Finish as at the end of stream, but close with 1001 `Server shutting down`."""
+        self.draining = True
+        self.audio_arrived.set()
+
+    def abort(self) -> None:
+        """The drain's grace period is over: end now with an error and 1001."""
+        self._aborted.set()
 
     async def serve(self) -> None:
         await self._send(protocol.config_message(protocol.ConfigInfo(
             gpu_id=self.device.id, connection_id=self.id, device=self.device.label,
             model=self.config.model_label, diarization=self.config.diarization, format=self.format,
         )))
-        tasks = [asyncio.create_task(c) for c in (self._receive(), self._process(), self._send_updates())]
-        receiver, processor, sender = tasks
+        tasks = [asyncio.create_task(c) for c in (
+            self._receive(), self._process(), self._send_updates(), self._wait_for_abort())]
+        receiver, processor, sender, _ = tasks
         try:
-            waiting = {receiver, processor, sender}
+            waiting = set(tasks)
             while waiting:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -155,6 +213,8 @@ class Connection:
             except AudioDecodeError as exc:
                 raise DecodeFailed(str(exc)) from exc
             self.inbox.put(audio)
+            if audio.size:
+                self.meter.audio_in(audio.size / SAMPLE_RATE, self.inbox.received_seconds)
             if not data:
                 self.ended = True
             self.audio_arrived.set()
@@ -168,7 +228,8 @@ class Connection:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
             options = SessionOptions(self.config.silence_line_seconds, language=self.language)
             session = Session(self.inbox, models, options)
-            while not self.ended:
+            stages = ("vad", "encoder", "decoder") + (("diarization",) if models.diarizer is not None else ())
+            while not (self.ended or self.draining):
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
                     # that lands as the event fires, and the connection would never end.
@@ -177,23 +238,39 @@ class Connection:
                 except TimeoutError:
                     continue
                 self.audio_arrived.clear()
-                state = await self._infer(session.step)
+                state = await self._infer(session.step, stages)
                 self.slot.put(protocol.update_message(state))
-            final = await self._infer(session.finish)
-            self.slot.put(Final((protocol.update_message(final), protocol.ready_to_stop_message())))
+            final = await self._infer(session.finish, stages)
+            if self.ended:
+                self.slot.put(Final((protocol.update_message(final), protocol.ready_to_stop_message())))
+            else:  # drained: the last update, then 1001 (no ready_to_stop: the client never ended)
+                self.slot.put(Final((protocol.update_message(final),), 1001, SHUTTING_DOWN))
         finally:
             self.server.memory.account.remove_stream(self.device.id, self.id)
             self.runtime.release()
 
-    async def _infer(self, fn):
+    async def _infer(self, fn, stages: tuple[str, ...]) -> CaptionState:
+        """Run a session step on the device worker, and record what it did in the metrics."""
+        inbox = self.inbox
+
+        def job() -> tuple[CaptionState, float]:
+            received = inbox.received_seconds  # before the step: it takes in at least this much
+            return fn(), received
+
         try:
-            return await self.runtime.run(fn)
+            state, received = await self.runtime.run(job, stages=stages)
         except ConnectionFailure:
             raise
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise GpuOutOfMemory(self.device.id) from exc
             raise
+        self.meter.step_done(state, received)
+        return state
+
+    async def _wait_for_abort(self) -> None:
+        await self._aborted.wait()
+        raise ShuttingDown()
 
     # -- sender: latest-update slot → socket ----------------------------
     async def _send_updates(self) -> None:
@@ -203,7 +280,7 @@ class Connection:
             if isinstance(message, Final):
                 for m in message.messages:
                     await self._send(m)
-                await self._close(1000, "")
+                await self._close(message.code, message.reason)
                 return
             now = time.monotonic()
             if message != last or now - last_at >= HEARTBEAT_SECONDS:
@@ -226,6 +303,7 @@ class Connection:
     async def _fail(self, failure: ConnectionFailure) -> None:
         """The error message, then the close; logged once."""
         errlog.warning("Connection %s closed with %d: %s", self.id, failure.code, failure.message)
+        self.server.metrics.connection_error(self.device.id, failure.code)
         try:
             await self._send(protocol.error_message(failure.message, failure.code))
         except ClientGone:

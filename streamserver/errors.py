@@ -51,6 +51,15 @@ class ModelLoadFailed(ConnectionFailure):
         super().__init__(f"Model load failed on GPU {gpu_id}" + (f": {detail}" if detail else ""))
 
 
+class ShuttingDown(ConnectionFailure):
+    """The drain's grace period ran out before this stream's last update could be sent."""
+
+    code = 1001
+
+    def __init__(self) -> None:
+        super().__init__(SHUTTING_DOWN)
+
+
 class InternalError(ConnectionFailure):
     code = 1011
 
@@ -71,4 +80,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 # Close reasons for refusals before admission (no config message is sent).
-REFUSED_FULL = "No GPU resources available"
+REFUSED_ORIGIN = "Origin not allowed"  # 1008
+REFUSED_UNAUTHORIZED = "Unauthorized"  # 1008 (and the HTTP 401 body)
+REFUSED_DRAINING = "Server is draining"  # 1001
+REFUSED_FULL = "No GPU resources available"  # 1008
+
+# The close reason (1001) of a stream ended by the drain.
+SHUTTING_DOWN = "Server shutting down"

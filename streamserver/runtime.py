@@ -4,6 +4,10 @@ Models load lazily on the first connection (later arrivals wait for the same
 load), are shared by all of that device's connections, and are dropped after
 `idle_unload_seconds` without a connection. All inference for the device runs
 on its one worker thread, never on the event loop.
+
+Each inference job is recorded as a batch of one stream for every stage it
+runs, with the time it waited for the worker (`Metrics.observe_batch`); the
+batching scheduler that replaces the worker reports its real batches the same way.
 """
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpu_manager import Device, MemoryAccount
 
 from .errors import GpuOutOfMemory, ModelLoadFailed, is_out_of_memory
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("streamserver.runtime")
 T = TypeVar("T")
@@ -46,11 +53,13 @@ class DeviceRuntime:
         loader: ModelLoader,
         idle_unload_seconds: float = 120.0,
         account: MemoryAccount | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.device = device
         self.loader = loader
         self.idle_unload_seconds = idle_unload_seconds
         self.account = account
+        self.metrics = metrics
         self.models: DeviceModels | None = None
         self.users = 0
         self.loads = 0
@@ -59,9 +68,27 @@ class DeviceRuntime:
         self._idle_handle: asyncio.TimerHandle | None = None
 
     # -- inference ------------------------------------------------------
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on this device's worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def run(self, fn: Callable[..., T], *args: Any, stages: tuple[str, ...] = ()) -> T:
+        """Run `fn` on this device's worker thread.
+
+        `stages` names the pipeline stages an inference job runs (`vad`, `encoder`, ...):
+        such a job is counted in the metrics as one batch of size 1 per stage, and its
+        run time as compute time. Housekeeping jobs (loading, freeing) pass none.
+        """
+        if not stages or self.metrics is None:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        metrics, gpu_id, submitted = self.metrics, self.device.id, time.perf_counter()
+
+        def job() -> T:
+            started = time.perf_counter()
+            for stage in stages:
+                metrics.observe_batch(gpu_id, stage, 1, started - submitted)
+            try:
+                return fn(*args)
+            finally:
+                metrics.observe_compute(gpu_id, time.perf_counter() - started)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
     # -- lifecycle ------------------------------------------------------
     async def acquire(self) -> DeviceModels:
@@ -105,6 +132,8 @@ class DeviceRuntime:
         await self.run(_free_cached_memory, self.device)
         if self.account:
             self.account.set_model_bytes(self.device.id, 0)
+        if self.metrics:
+            self.metrics.model_unloaded(self.device.id)
         log.info("Unloaded models on GPU %d", self.device.id)
         return True
 
@@ -130,9 +159,12 @@ class DeviceRuntime:
             self._loading = None
         self.models = models
         self.loads += 1
+        seconds = time.perf_counter() - t0
         if self.account:
             self.account.set_model_bytes(self.device.id, models.model_bytes)
-        log.info("Loaded %s on GPU %d in %.1f s", ", ".join(models.names), self.device.id, time.perf_counter() - t0)
+        if self.metrics:
+            self.metrics.model_loaded(self.device.id, seconds)
+        log.info("Loaded %s on GPU %d in %.1f s", ", ".join(models.names), self.device.id, seconds)
 
     def _unload_if_idle(self) -> None:
         self._idle_handle = None

@@ -1,4 +1,5 @@
-"""The server's long-lived parts, built once: devices, allocator, one runtime per device.
+"""The server's long-lived parts, built once: devices, allocator, one runtime per device,
+the metrics and the drain state.
 
 Held on the Starlette app (`app.state.server`), never in a module global.
 """
@@ -12,6 +13,8 @@ from gpu_manager.device import MemoryFigures
 from gpu_manager.nvml import Nvml
 
 from .config import ServerConfig
+from .drain import Drain
+from .metrics import Metrics
 from .runtime import DeviceRuntime, ModelLoader
 
 log = logging.getLogger("streamserver")
@@ -24,6 +27,8 @@ class Server:
     allocator: Allocator
     memory: MemoryMonitor
     runtimes: dict[int, DeviceRuntime]
+    metrics: Metrics
+    drain: Drain
 
     @classmethod
     def build(cls, config: ServerConfig, loader: ModelLoader | None = None, nvml_factory=Nvml) -> "Server":
@@ -37,12 +42,14 @@ class Server:
         if not isinstance(limit, int):
             raise ValueError("--max-connections-per-gpu auto is not supported yet; give a number")
         allocator = Allocator(inventory.devices, limit, memory)
+        metrics = Metrics(allocator, memory)
         runtimes = {
-            d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account) for d in inventory.devices
+            d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account, metrics)
+            for d in inventory.devices
         }
         for d in inventory.devices:
             log.info("Device %d: %s (%s, %.2f GB)", d.id, d.name, d.label, d.total_bytes / 2**30)
-        return cls(config, inventory, allocator, memory, runtimes)
+        return cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
 
     def gpu_entry(self, device_id: int) -> dict:
         load = next(x for x in self.allocator.loads() if x.device.id == device_id)
@@ -62,15 +69,21 @@ class Server:
             "models": runtime.model_names,
         }
 
-    def gpu_status(self, draining: bool = False) -> dict:
+    def gpu_status(self) -> dict:
         return {
             "total_gpus": len(self.inventory.devices),
             "total_connections": self.allocator.total_active(),
             "max_connections_per_gpu": self.config.max_connections_per_gpu,
             "simulated": self.inventory.simulated,
-            "draining": draining,
+            "draining": self.drain.draining,
             "gpus": [self.gpu_entry(d.id) for d in self.inventory.devices],
         }
+
+    def readiness(self) -> str | None:
+        """None when a new stream would be admitted, else why not: `draining` or `full`."""
+        if self.drain.draining:
+            return "draining"
+        return None if self.allocator.has_room() else "full"
 
     def shutdown(self) -> None:
         for runtime in self.runtimes.values():

@@ -61,6 +61,12 @@ class LoudVAD:
         return (np.abs(frames).mean(axis=1) > 0.01).astype(np.float32)
 
 
+def tone(seconds: float, amplitude: float = 0.3) -> bytes:
+    """A 300 Hz tone as PCM s16le 16 kHz: speech to `LoudVAD`, one `EchoASR` word a second."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (amplitude * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2").tobytes()
+
+
 def fake_loader(device: Device) -> DeviceModels:
     return DeviceModels(asr=EchoASR(), vad=LoudVAD(), names=["whisper:fake", "vad:fake"],
                         model_bytes=100 * 2**20, stream_bytes=2**20)

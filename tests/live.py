@@ -59,3 +59,11 @@ def drain_until_closed(ws: ClientConnection, timeout: float = 60) -> list[dict]:
     except ConnectionClosed:
         return out
     raise TimeoutError("server did not close the connection")
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Poll until `predicate()` is true; fail after `timeout` seconds (a bound, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)

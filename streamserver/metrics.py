@@ -1,0 +1,179 @@
+"""Prometheus metrics: one `Metrics` object per server, on its own registry.
+
+Nothing here is a module global, so several apps in one process (tests) never
+share a counter. Figures that already live elsewhere — connections per device
+(the allocator), memory and utilisation (the `MemoryMonitor`) — are read at
+scrape time by a collector instead of being mirrored into gauges that could
+drift. Everything else is recorded through the few verbs below, which the
+connection, the device runtime (and later its batching scheduler) call.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from gpu_manager import Allocator, MemoryMonitor
+
+PREFIX = "streamserver_"
+STAGES = ("encoder", "decoder", "vad", "diarization")
+REJECTION_REASONS = ("full", "unauthorized", "origin", "draining")
+REALTIME_WINDOW_SECONDS = 60.0
+
+LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LAG_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0)
+
+
+class RealtimeWindow:
+    """Compute seconds and audio seconds per device over a sliding window (thread-safe).
+
+    The device worker adds compute time, connections add processed audio; the
+    ratio of the two sums is the realtime factor (below 1: faster than real time).
+    """
+
+    def __init__(self, seconds: float = REALTIME_WINDOW_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[int, deque[tuple[float, float, float]]] = {}
+
+    def add(self, gpu_id: int, compute_seconds: float = 0.0, audio_seconds: float = 0.0) -> None:
+        now = self.clock()
+        with self._lock:
+            entries = self._entries.setdefault(gpu_id, deque())
+            entries.append((now, compute_seconds, audio_seconds))
+            self._prune(entries, now)
+
+    def factor(self, gpu_id: int) -> float:
+        with self._lock:
+            entries = self._entries.get(gpu_id)
+            if not entries:
+                return 0.0
+            self._prune(entries, self.clock())
+            compute = sum(e[1] for e in entries)
+            audio = sum(e[2] for e in entries)
+        return compute / audio if audio > 0 else 0.0
+
+    def _prune(self, entries: deque, now: float) -> None:
+        while entries and entries[0][0] < now - self.seconds:
+            entries.popleft()
+
+
+class _DeviceCollector:
+    """Per-device gauges read when Prometheus scrapes: connections, memory, utilisation, realtime factor."""
+
+    def __init__(self, allocator: Allocator, memory: MemoryMonitor, realtime: RealtimeWindow) -> None:
+        self.allocator = allocator
+        self.memory = memory
+        self.realtime = realtime
+
+    def collect(self) -> Iterable[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=["gpu_id"])
+
+        active = gauge("active_connections", "Live /asr connections on the device")
+        used = gauge("gpu_memory_used_bytes", "Device memory in use (NVML; accounted bytes when simulated)")
+        free = gauge("gpu_memory_free_bytes", "Device memory free")
+        total = gauge("gpu_memory_total_bytes", "Device memory in all")
+        util = gauge("gpu_utilization_ratio", "Device utilisation, 0 to 1 (NVML; 0 when simulated)")
+        rtf = gauge("realtime_factor", "Compute seconds per audio second over the last minute")
+        for load in self.allocator.loads():
+            label = [str(load.device.id)]
+            figures = self.memory.figures(load.device)
+            active.add_metric(label, load.active)
+            used.add_metric(label, figures.used_bytes)
+            free.add_metric(label, figures.free_bytes)
+            total.add_metric(label, figures.total_bytes)
+            util.add_metric(label, figures.utilization_percent / 100.0)
+            rtf.add_metric(label, self.realtime.factor(load.device.id))
+        return [active, used, free, total, util, rtf]
+
+
+class Metrics:
+    """The server's metrics and the verbs that record them."""
+
+    def __init__(self, allocator: Allocator, memory: MemoryMonitor, realtime: RealtimeWindow | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.realtime = realtime or RealtimeWindow()
+        r = self.registry
+        gpu = ["gpu_id"]
+        self.admissions = Counter(PREFIX + "admissions", "Connections admitted", gpu, registry=r)
+        self.rejections = Counter(PREFIX + "rejections", "Connections refused before admission", ["reason"],
+                                  registry=r)
+        self.errors = Counter(PREFIX + "connection_errors", "Connections ended by an error, by close code",
+                              ["gpu_id", "code"], registry=r)
+        self.loads = Counter(PREFIX + "model_loads", "Model loads completed", gpu, registry=r)
+        self.unloads = Counter(PREFIX + "model_unloads", "Model unloads", gpu, registry=r)
+        self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Time to load a device's models", gpu,
+                                      buckets=LOAD_BUCKETS, registry=r)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Streams per inference batch", ["gpu_id", "stage"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Wait between submitting work and its start",
+                                    ["gpu_id", "stage"], buckets=WAIT_BUCKETS, registry=r)
+        self.caption_lag = Histogram(PREFIX + "caption_lag_seconds",
+                                     "Wall time from audio arriving to the update that commits its words", gpu,
+                                     buckets=LAG_BUCKETS, registry=r)
+        self.received = Counter(PREFIX + "audio_received_seconds", "Audio received from clients", gpu, registry=r)
+        self.processed = Counter(PREFIX + "audio_processed_seconds", "Audio the pipeline has processed", gpu,
+                                 registry=r)
+        r.register(_DeviceCollector(allocator, memory, self.realtime))
+        for d in allocator.devices:  # every series exists from the start, at zero
+            g = str(d.id)
+            for family in (self.admissions, self.loads, self.unloads, self.load_seconds, self.caption_lag,
+                           self.received, self.processed):
+                family.labels(g)
+            for stage in STAGES:
+                self.batch_size.labels(g, stage)
+                self.queue_wait.labels(g, stage)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+
+    # -- connections --------------------------------------------------------
+    def admitted(self, gpu_id: int) -> None:
+        self.admissions.labels(str(gpu_id)).inc()
+
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
+
+    def connection_error(self, gpu_id: int, code: int) -> None:
+        self.errors.labels(str(gpu_id), str(code)).inc()
+
+    def audio_received(self, gpu_id: int, seconds: float) -> None:
+        self.received.labels(str(gpu_id)).inc(seconds)
+
+    def audio_processed(self, gpu_id: int, seconds: float) -> None:
+        if seconds > 0:
+            self.processed.labels(str(gpu_id)).inc(seconds)
+            self.realtime.add(gpu_id, audio_seconds=seconds)
+
+    def observe_caption_lag(self, gpu_id: int, seconds: float) -> None:
+        self.caption_lag.labels(str(gpu_id)).observe(max(seconds, 0.0))
+
+    # -- device runtime / scheduler -------------------------------------------
+    def model_loaded(self, gpu_id: int, seconds: float) -> None:
+        self.loads.labels(str(gpu_id)).inc()
+        self.load_seconds.labels(str(gpu_id)).observe(seconds)
+
+    def model_unloaded(self, gpu_id: int) -> None:
+        self.unloads.labels(str(gpu_id)).inc()
+
+    def observe_batch(self, gpu_id: int, stage: str, size: int, wait_seconds: float) -> None:
+        """One batch of `size` streams ran `stage`; its work had waited `wait_seconds` for the device."""
+        g = str(gpu_id)
+        self.batch_size.labels(g, stage).observe(size)
+        self.queue_wait.labels(g, stage).observe(max(wait_seconds, 0.0))
+
+    def observe_compute(self, gpu_id: int, seconds: float) -> None:
+        """Device time spent on inference (the numerator of the realtime factor)."""
+        self.realtime.add(gpu_id, compute_seconds=seconds)
+
+    # -- exposition -------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
