@@ -152,7 +152,7 @@ def test_a_real_prometheus_scrapes_per_gpu_connections(tmp_path):
     token = "scrape-token"
     app = create_app(ServerConfig(simulate_gpus="2x16", api_token=token), loader=fake_loader)
     with serve_app(app) as base:
-        ws = open_asr(base, f"token={token}")
+        ws = open_asr(base, f"token={token}&format=pcm")
         assert recv_json(ws)["gpu_id"] == 0
         prom_port = free_port()
         (tmp_path / "prometheus.yml").write_text(
@@ -167,10 +167,9 @@ def test_a_real_prometheus_scrapes_per_gpu_connections(tmp_path):
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
-            def scraped() -> dict[str, float]:
+            def scraped(query: str = "streamserver_active_connections") -> dict[str, float]:
                 try:
-                    r = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query",
-                                  params={"query": "streamserver_active_connections"}, timeout=5)
+                    r = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": query}, timeout=5)
                 except httpx.HTTPError:
                     return {}
                 if r.status_code != 200:
@@ -182,6 +181,18 @@ def test_a_real_prometheus_scrapes_per_gpu_connections(tmp_path):
                 assert prom.poll() is None, prom.stderr.read()
                 assert time.monotonic() < deadline, f"Prometheus never saw the connection: {scraped()}"
                 time.sleep(0.5)
+            # captions on GPU 0 give it caption-lag observations, which Prometheus then shows per GPU
+            for _ in range(6):  # an update per half second, so words commit mid-stream
+                ws.send(tone(0.5))
+                recv_json(ws)
+            ws.send(b"")
+            drain_until_closed(ws)
+            lag_count = "streamserver_caption_lag_seconds_count"
+            while scraped(lag_count).get("0", 0.0) < 1.0:
+                assert time.monotonic() < deadline, f"Prometheus never saw caption lag: {scraped(lag_count)}"
+                time.sleep(0.5)
+            assert scraped(lag_count)["1"] == 0.0
+            assert scraped("streamserver_caption_lag_seconds_sum")["0"] >= 0.0
             up = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": "up"}).json()
             assert [s["value"][1] for s in up["data"]["result"]] == ["1"]
         finally:
