@@ -127,7 +127,7 @@ def main() -> None:
     print(f"caption lag: p50 {percentile(lags, .5):.2f} s  p95 {percentile(lags, .95):.2f} s  (n={len(lags)} words)")
     if wers:
         print(f"WER: mean {np.mean(wers):.3f}  worst {max(wers):.3f}")
-    print(f"per-stream p95 lag: " + " ".join(f"{percentile(r.lags, .95):.2f}" for r in results))
+    print("per-stream p95 lag: " + " ".join(f"{percentile(r.lags, .95):.2f}" for r in results))
     print(f"devices: {sorted({r.gpu_id for r in results if r.gpu_id is not None})}  errors: {len(errors)} {errors[:3]}")
     print(f"server memory after: {memory}")
     if results and results[0].text:

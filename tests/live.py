@@ -4,10 +4,13 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
@@ -67,3 +70,21 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
+
+
+def start_server_process(argv: list[str], **popen) -> tuple[subprocess.Popen, str]:
+    """Start `python <argv> --port P` and wait until its /health answers; returns (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, *argv, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+    base = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.1)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -11,7 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from streamserver.cli import parse_config
-from tests.live import free_port, open_asr, recv_json
+from tests.live import open_asr, recv_json, start_server_process
 
 
 def test_defaults_match_the_contract(monkeypatch):
@@ -37,23 +35,8 @@ def test_environment_sets_flags_and_the_command_line_wins(monkeypatch):
 
 @pytest.fixture
 def cli_server(tmp_path):
-    port = free_port()
     env = dict(os.environ, STREAMSERVER_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamserver", "--simulate-gpus", "4x16", "--port", str(port), "--pcm-input"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.2)
+    proc, base = start_server_process(["-m", "streamserver", "--simulate-gpus", "4x16", "--pcm-input"], env=env)
     yield base, proc
     proc.terminate()
     proc.wait(30)

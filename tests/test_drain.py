@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamserver.drain import Drain
 from tests.fakes import tone
-from tests.live import free_port, open_asr, recv_json
+from tests.live import open_asr, recv_json, start_server_process
 from tests.metrics_text import scrape, value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,23 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class FakeServerProcess:
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         self.gate = tmp_path / "gate"
-        port = free_port()
-        self.base = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_server", "--port", str(port), "--pcm-input", *flags],
-            cwd=ROOT, env=dict(os.environ, FAKE_ASR_GATE=str(self.gate)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://{self.base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        self.proc, self.base = start_server_process(
+            ["-m", "tests.fake_server", "--pcm-input", *flags], cwd=ROOT,
+            env=dict(os.environ, FAKE_ASR_GATE=str(self.gate)))
 
     def ready(self) -> tuple[int, dict]:
         r = httpx.get(f"http://{self.base}/ready")

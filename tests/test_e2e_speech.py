@@ -5,13 +5,11 @@ PCM and as webm/opus, while another connection sends garbage.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 
