@@ -7,18 +7,30 @@ small numbers whatever the backend calls its speakers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from backends.asr_types import Word, join_words
 from backends.diarization_types import SpeakerTurn
 
+from .protocol import SILENCE_SPEAKER
+
 # A word no turn overlaps takes the nearest turn's speaker if one is this close.
 NEAREST_TURN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A silence between waiting words: it queues behind them so lines stay in time order."""
+
+    start: float
+    end: float
 
 
 class SpeakerAttribution:
     def __init__(self) -> None:
         self.turns: list[SpeakerTurn] = []
         self.covered_until = 0.0
-        self.waiting: list[Word] = []
+        self.waiting: list[Word | Silence] = []
         self.numbers: dict[int, int] = {}
         self.last_number: int | None = None
 
@@ -29,19 +41,33 @@ class SpeakerAttribution:
     def add_words(self, words: list[Word]) -> None:
         self.waiting.extend(words)
 
-    def take_ready(self, everything: bool = False) -> list[tuple[Word, int]]:
-        """Words whose time the diarizer has covered (all of them with `everything`), with speaker numbers."""
-        ready: list[tuple[Word, int]] = []
-        while self.waiting and (everything or self.waiting[0].end <= self.covered_until):
-            word = self.waiting.pop(0)
-            ready.append((word, self._number_of(word)))
+    def add_silence(self, start: float, end: float) -> None:
+        """Queue a silence behind the waiting words (extending the queued one when it is the same)."""
+        last = self.waiting[-1] if self.waiting else None
+        if isinstance(last, Silence) and last.start == start:
+            self.waiting[-1] = Silence(start, max(end, last.end))
+        else:
+            self.waiting.append(Silence(start, end))
+
+    def take_ready(self, everything: bool = False) -> list[tuple[Word | Silence, int]]:
+        """Words whose time the diarizer has covered (all of them with `everything`), with speaker
+        numbers, and the silences between them (speaker -2), in time order."""
+        ready: list[tuple[Word | Silence, int]] = []
+        while self.waiting:
+            item = self.waiting[0]
+            if isinstance(item, Silence):
+                ready.append((self.waiting.pop(0), SILENCE_SPEAKER))
+            elif everything or item.end <= self.covered_until:
+                ready.append((self.waiting.pop(0), self._number_of(item)))
+            else:
+                break
         if ready:
             self._forget_turns_before(ready[-1][0].start - NEAREST_TURN_SECONDS)
         return ready
 
     @property
     def waiting_text(self) -> str:
-        return join_words(self.waiting)
+        return join_words([w for w in self.waiting if isinstance(w, Word)])
 
     def _number_of(self, word: Word) -> int:
         label = self._label_of(word)

@@ -18,7 +18,7 @@ from backends.vad import WINDOW, SileroVAD, SpeechSegmenter
 
 from .attribution import SpeakerAttribution
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
-from .protocol import CaptionState
+from .protocol import SILENCE_SPEAKER, CaptionState
 from .transcript import Transcript
 
 
@@ -164,8 +164,11 @@ class Session:
 
     def _attribute(self, everything: bool = False) -> None:
         if self.attribution is not None:
-            for word, speaker in self.attribution.take_ready(everything):
-                self.transcript.add_words([word], speaker)
+            for item, speaker in self.attribution.take_ready(everything):
+                if speaker == SILENCE_SPEAKER:
+                    self.transcript.add_silence(item.start, item.end)
+                else:
+                    self.transcript.add_words([item], speaker)
 
     def _speech_ends(self, sample: int) -> None:
         self._feed_policy(sample)
@@ -183,10 +186,13 @@ class Session:
 
     def _note_silence(self, now: int) -> None:
         """A silence as long as `--silence-line-seconds` becomes (or extends) a silence line."""
-        if self._in_speech:
+        if self._in_speech or (now - self._speech_end) / SAMPLE_RATE < self.options.silence_line_seconds:
             return
-        if (now - self._speech_end) / SAMPLE_RATE >= self.options.silence_line_seconds:
-            self.transcript.add_silence(self._speech_end / SAMPLE_RATE, now / SAMPLE_RATE)
+        start, end = self._speech_end / SAMPLE_RATE, now / SAMPLE_RATE
+        if self.attribution is not None and self.attribution.waiting:
+            self.attribution.add_silence(start, end)  # words spoken before it reach the transcript first
+        else:
+            self.transcript.add_silence(start, end)
 
     def _forget_old_audio(self) -> None:
         keep_from = self._fed_until if self._in_speech else self._vad_samples - SAMPLE_RATE

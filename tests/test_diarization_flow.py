@@ -35,3 +35,18 @@ def test_speakers_and_the_diarization_buffer():
     # committed lines only ever grow, even as speakers arrive
     for before, after in zip(updates, updates[1:]):
         assert after["lines"][: max(0, len(before["lines"]) - 1)] == before["lines"][:-1]
+
+
+def test_a_silence_line_never_jumps_ahead_of_words_waiting_for_their_speaker():
+    app = create_app(ServerConfig(simulate_gpus="1x16", diarization=True), loader=fake_loader_with_diarizer)
+    with serve_app(app) as base:
+        ws = open_asr(base, "format=pcm")
+        recv_json(ws)
+        audio = tone(3.0, 0.5) + bytes(3 * 32000) + tone(3.0, 0.05)
+        for i in range(0, len(audio), 3200):
+            ws.send(audio[i:i + 3200])
+        ws.send(b"")
+        final = [m for m in drain_until_closed(ws) if "lines" in m][-1]
+    assert [ln["speaker"] for ln in final["lines"]] == [1, -2, 2], final["lines"]
+    starts = [ln["start_s"] for ln in final["lines"]]
+    assert starts == sorted(starts)
