@@ -66,7 +66,7 @@ def _load_diarizer(backend: str | None, config: ServerConfig, device: Device):
 
         model = load_sortformer(local_sortformer_checkpoint(config.sortformer_model), device.torch_device)
         return SortformerDiarizer(model, config.sortformer_latency), "diarization:sortformer", _param_bytes(model)
-    from backends.speaker_embedding import EmbeddingDiarizer
+    from backends.embedding_diarizer import EmbeddingDiarizer
 
     diarizer = EmbeddingDiarizer(device.torch_device)
     return diarizer, "diarization:embedding", _param_bytes(diarizer.encoder)

@@ -1,0 +1,78 @@
+"""The offline diarizer (resemblyzer embeddings, clustered online) on a two-voice conversation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends.embedding_diarizer import EmbeddingDiarizer
+from backends.vad import SileroVAD
+from tests.voices import make_conversation, speak
+
+
+@pytest.fixture(scope="module")
+def conversation(tmp_path_factory):
+    return make_conversation(tmp_path_factory.mktemp("conv"))
+
+
+@pytest.fixture(scope="module")
+def diarizer():
+    return EmbeddingDiarizer("cpu")
+
+
+def stream(diarizer, audio: np.ndarray, piece: int):
+    vad, vad_state, state = SileroVAD(), None, diarizer.new_state()
+    vad_state = vad.new_state()
+    turns, covered, pending = [], [], np.zeros(0, np.float32)
+    for i in range(0, len(audio), piece):
+        pending = np.concatenate([pending, audio[i:i + piece]])
+        probs = vad.probabilities(vad_state, audio[i:i + piece])
+        n = len(probs) * 512
+        new = diarizer.process(state, pending[:n], probs)
+        pending = pending[n:]
+        assert all(t.end <= state.covered_until + 1e-6 for t in new)  # only covered time is labelled
+        turns += new
+        covered.append(state.covered_until)
+    turns += diarizer.flush(state)
+    covered.append(state.covered_until)
+    return turns, covered
+
+
+def labelled_share(turns, start: float, end: float) -> dict[int, float]:
+    share: dict[int, float] = {}
+    for t in turns:
+        o = min(t.end, end) - max(t.start, start)
+        if o > 0:
+            share[t.speaker] = share.get(t.speaker, 0.0) + o / (end - start)
+    return share
+
+
+def test_two_voices_are_two_speakers_with_the_right_turns(diarizer, conversation):
+    audio, truth = conversation
+    turns, covered = stream(diarizer, audio, 8000)
+    assert {t.speaker for t in turns} == {0, 1}
+    label_of = {}
+    for start, end, voice in truth:
+        share = labelled_share(turns, start, end)
+        best = max(share, key=share.get)
+        assert share[best] >= 0.8, (voice, share)
+        label_of.setdefault(voice, best)
+        assert label_of[voice] == best
+    assert label_of["A"] != label_of["B"]
+    assert covered == sorted(covered) and covered[-1] == pytest.approx(len(audio) / 16000, abs=0.05)
+
+
+def test_labels_do_not_depend_on_how_the_audio_was_cut(diarizer, conversation):
+    audio, _ = conversation
+    a, _ = stream(diarizer, audio, 8000)
+    b, _ = stream(diarizer, audio, 2048 * 3 + 512)
+    assert [(round(t.start, 3), round(t.end, 3), t.speaker) for t in a] == \
+           [(round(t.start, 3), round(t.end, 3), t.speaker) for t in b]
+
+
+def test_one_voice_is_one_speaker(diarizer, tmp_path):
+    audio = np.concatenate([speak("A", "This is one person talking for a while about nothing much at all.",
+                                  tmp_path / "a.wav"), np.zeros(8000, np.float32),
+                            speak("A", "And then the same person goes on talking after a short pause.",
+                                  tmp_path / "b.wav")])
+    turns, _ = stream(diarizer, audio, 8000)
+    assert {t.speaker for t in turns} == {0}
