@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -29,3 +31,45 @@ def percentile(values: list[float], p: float) -> float:
     k = (len(xs) - 1) * p
     lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def der(reference: list[tuple[float, float, str]], hypothesis: list[tuple[float, float, int]],
+        collar: float = 0.25, step: float = 0.01) -> dict[str, float]:
+    """Diarization error rate on a `step` grid, ignoring `collar` seconds around each reference
+    boundary, with the best one-to-one mapping of hypothesis speakers to reference speakers.
+
+    Returns der, missed, false_alarm, confusion (each a fraction of scored reference speech).
+    """
+    from itertools import permutations
+
+    end = max([e for _, e, _ in reference] + [e for _, e, _ in hypothesis] + [0.0])
+    n = int(end / step) + 1
+    t = (np.arange(n) + 0.5) * step
+    scored = np.ones(n, bool)
+    for s, e, _ in reference:
+        for b in (s, e):
+            scored &= np.abs(t - b) > collar
+    ref_names = sorted({r for _, _, r in reference})
+    hyp_names = sorted({h for _, _, h in hypothesis})
+    ref = np.zeros((len(ref_names), n), bool)
+    hyp = np.zeros((max(len(hyp_names), 1), n), bool)
+    for s, e, r in reference:
+        ref[ref_names.index(r), (t >= s) & (t < e)] = True
+    for s, e, h in hypothesis:
+        hyp[hyp_names.index(h), (t >= s) & (t < e)] = True
+    ref, hyp = ref[:, scored], hyp[:, scored]
+    n_ref, n_hyp = ref.sum(0), hyp.sum(0)
+    total = n_ref.sum()
+    missed = np.maximum(n_ref - n_hyp, 0).sum()
+    false_alarm = np.maximum(n_hyp - n_ref, 0).sum()
+    size = max(len(ref_names), len(hyp))
+    ref_p = np.zeros((size, ref.shape[1]), bool)
+    hyp_p = np.zeros((size, ref.shape[1]), bool)
+    ref_p[: len(ref)] = ref
+    hyp_p[: len(hyp)] = hyp
+    best_correct = max(sum((ref_p[i] & hyp_p[j]).sum() for i, j in enumerate(perm))
+                       for perm in permutations(range(size)))
+    confusion = np.minimum(n_ref, n_hyp).sum() - best_correct
+    total = max(total, 1)
+    return {"der": (missed + false_alarm + confusion) / total, "missed": missed / total,
+            "false_alarm": false_alarm / total, "confusion": confusion / total}
