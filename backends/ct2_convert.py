@@ -221,6 +221,9 @@ def read_ct2_variables(model_bin: Path | str) -> tuple[str, dict[str, np.ndarray
         if target not in variables:
             raise CT2FormatError(f"alias {alias!r} points to missing {target!r}")
         variables[alias] = variables[target]
+        # A quantized alias shares its target's scale (only the weight is aliased).
+        if f"{target}_scale" in variables and f"{alias}_scale" not in variables:
+            variables[f"{alias}_scale"] = variables[f"{target}_scale"]
     return spec_name, variables
 
 
@@ -435,9 +438,13 @@ def _dims(w: _Weights, names: list[str]) -> dict[str, int]:
 
 
 def _output_dtype(variables: dict[str, np.ndarray]) -> torch.dtype:
-    """Keep float16 checkpoints in float16 (like OpenAI's), anything else float32."""
-    embedding = variables.get("decoder/embeddings/weight")
-    return torch.float16 if embedding is not None and embedding.dtype == np.float16 else torch.float32
+    """Keep float16 checkpoints in float16 (like OpenAI's), anything else float32.
+
+    Layer norms are never quantized, so their dtype tells float16/int8_float16
+    models (-> float16) from float32/int8/bfloat16 ones (-> float32).
+    """
+    gamma = variables.get("decoder/layer_norm/gamma")
+    return torch.float16 if gamma is not None and gamma.dtype == np.float16 else torch.float32
 
 
 def _alignment_heads(config: dict[str, Any], dims: dict[str, int]) -> list[list[int]] | None:
