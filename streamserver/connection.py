@@ -60,6 +60,22 @@ class Final:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Update:
+    """A caption update and how much audio had arrived when its state was taken."""
+
+    message: dict
+    received_seconds: float
+
+    def aged(self, received_seconds: float) -> "Update":
+        """The same captions, later: the audio heard since is still waiting in both stages."""
+        extra = received_seconds - self.received_seconds
+        message = dict(self.message)
+        for key in ("remaining_time_transcription", "remaining_time_diarization"):
+            message[key] = round(message[key] + extra, 2)
+        return Update(message, received_seconds)
+
+
 class ClientGone(Exception):
     """The peer closed or vanished: nothing more can be sent."""
 
@@ -239,7 +255,7 @@ class Connection:
                     continue
                 self.audio_arrived.clear()
                 state = await self._infer(session.step, stages)
-                self.slot.put(protocol.update_message(state))
+                self.slot.put(Update(protocol.update_message(state), self.inbox.received_seconds))
             final = await self._infer(session.finish, stages)
             if self.ended:
                 self.slot.put(Final((protocol.update_message(final), protocol.ready_to_stop_message())))
@@ -274,18 +290,31 @@ class Connection:
 
     # -- sender: latest-update slot → socket ----------------------------
     async def _send_updates(self) -> None:
-        last, last_at = None, 0.0
+        """Send each new state (dropping unchanged ones); while audio flows and the worker is
+        busy, repeat the last one at least once a second with its remaining times grown."""
+        last: Update | None = None
+        last_at = 0.0
         while True:
-            message = await self.slot.take()
-            if isinstance(message, Final):
-                for m in message.messages:
+            try:
+                async with asyncio.timeout(HEARTBEAT_SECONDS):
+                    item = await self.slot.take()
+            except TimeoutError:
+                heard = self.inbox.received_seconds
+                if last is not None and heard > last.received_seconds:
+                    last = last.aged(heard)
+                    await self._send(last.message)
+                    last_at = time.monotonic()
+                continue
+            if isinstance(item, Final):
+                for m in item.messages:
                     await self._send(m)
-                await self._close(message.code, message.reason)
+                await self._close(item.code, item.reason)
                 return
             now = time.monotonic()
-            if message != last or now - last_at >= HEARTBEAT_SECONDS:
-                await self._send(message)
-                last, last_at = message, now
+            if last is None or item.message != last.message or now - last_at >= HEARTBEAT_SECONDS:
+                await self._send(item.message)
+                last_at = now
+            last = item
 
     # -- socket helpers ---------------------------------------------------
     async def _send(self, message: dict) -> None:

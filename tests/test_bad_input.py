@@ -123,3 +123,44 @@ def test_a_failed_model_load_reaches_every_waiting_client_and_frees_slots(loader
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert httpx.get(f"http://{url}/health").status_code == 200
+
+
+def test_updates_keep_coming_while_the_worker_is_busy():
+    """At least once a second while audio flows, even when inference is slow: the client then
+    sees the same captions with remaining time growing."""
+    import threading
+
+    from tests.fakes import EchoASR
+
+    release = threading.Event()
+
+    class StuckASR(EchoASR):
+        def transcribe(self, audio, prompt="", language=None):
+            release.wait(120)
+            return super().transcribe(audio, prompt, language)
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = StuckASR()
+        return models
+
+    app = create_app(ServerConfig(simulate_gpus="1x16"), loader=loader)
+    with serve_app(app) as url:
+        ws = open_asr(url, "format=pcm")
+        recv_json(ws)
+        remaining = []
+        try:
+            for _ in range(40):  # Whisper is stuck on the first second of speech
+                if len(remaining) >= 4:
+                    break
+                send_in_frames(ws, tone(0.5))
+                try:
+                    msg = recv_json(ws, timeout=0.5)
+                except TimeoutError:
+                    continue
+                remaining.append(msg["remaining_time_transcription"])
+        finally:
+            release.set()
+        ws.send(b"")
+        assert drain_until_closed(ws)[-1] == {"type": "ready_to_stop"}
+    assert len(remaining) >= 4 and remaining[-1] > remaining[0]
