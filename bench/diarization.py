@@ -43,6 +43,8 @@ def run(diarizer, audio: np.ndarray, piece: int = 8000) -> tuple[list, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sortformer-model", default=None)
+    ap.add_argument("--sortformer-tiny", action="store_true",
+                    help="also run the tiny random-weight Sortformer: its cost is real, its DER is not")
     ap.add_argument("--turns", type=int, default=8, help="turns in the conversation (cycles the script)")
     args = ap.parse_args()
     script = [CONVERSATION[i % len(CONVERSATION)] for i in range(args.turns)]
@@ -56,6 +58,10 @@ def main() -> None:
         from backends.sortformer import SortformerDiarizer, load_sortformer
 
         backends.append(("sortformer", SortformerDiarizer(load_sortformer(args.sortformer_model, "cpu"), "1s")))
+    if args.sortformer_tiny:
+        from backends.sortformer import SortformerDiarizer, build_tiny_sortformer
+
+        backends.append(("sortformer (tiny, random weights)", SortformerDiarizer(build_tiny_sortformer("cpu"), "1s")))
     print(f"conversation: {args.turns} turns, 2 voices, {seconds:.1f} s of audio")
     for name, diarizer in backends:
         run(diarizer, audio[: 16000 * 3])  # warm-up (lazy imports, first-call costs)
