@@ -13,6 +13,7 @@ from .admin import load_models, unload_models
 from .auth import require_token
 from .config import ServerConfig
 from .connection import asr_endpoint
+from .page import page_routes
 from .runtime import ModelLoader
 from .server import Server
 
@@ -56,6 +57,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
 
     app = Starlette(
         routes=[
+            *page_routes(),
             Route("/health", health),
             Route("/ready", ready),
             Route("/gpu-status", gpu_status),

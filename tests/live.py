@@ -22,11 +22,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(app, ws_max_size: int = 16 * 2**20) -> Iterator[str]:
-    """Yields the base URL (`127.0.0.1:PORT`) while uvicorn serves `app`."""
+def serve_app(app, ws_max_size: int = 16 * 2**20, **uvicorn_options) -> Iterator[str]:
+    """Yields the base URL (`127.0.0.1:PORT`) while uvicorn serves `app` (`uvicorn_options`: e.g. TLS files)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=ws_max_size,
-                            lifespan="on")
+                            lifespan="on", **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

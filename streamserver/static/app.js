@@ -1,0 +1,515 @@
+// Live captions: microphone → /asr (WhisperLiveKit's protocol) → captions on the page.
+//
+// Start: ask for the microphone, open the socket, wait for the server's `config`
+// message, then stream: MediaRecorder webm/opus blobs (every 250 ms) by default, or
+// 16 kHz s16le PCM from an AudioWorklet when `config.useAudioWorklet` is true.
+// Stop: finish the recording, send an empty binary frame (end of stream), keep
+// showing updates until `{"type": "ready_to_stop"}` and the server's close.
+"use strict";
+
+(() => {
+  const TIMESLICE_MS = 250;
+  const CONFIG_WAIT_MS = 5000; // a server that sends no `config` gets the default recorder after this
+  const STOP_WAIT_MS = 120000; // after Stop, give up on the server's close after this
+  const TOKEN_KEY = "streamserver.token";
+  const SILENCE = -2;
+  const SPEAKER_COLORS = 8; // --speaker-1 … --speaker-8 in style.css
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    body: document.body,
+    button: $("start"),
+    status: $("status"),
+    device: $("device"),
+    level: $("level"),
+    tokenForm: $("token-form"),
+    token: $("token"),
+    notice: $("notice"),
+    captions: $("captions"),
+    lag: $("lag"),
+    format: $("format"),
+  };
+  const pageQuery = new URLSearchParams(location.search);
+
+  let run = null; // the current stream: socket, microphone, audio graph, recorder
+  let rendered = []; // [{key, el}] for each caption line on screen, so unchanged lines are kept
+
+  // ---- what a close means to the person reading the page --------------------------------
+
+  /** The text shown for a close `code`/`reason` (and the error message that came before it). */
+  function closeMessage(code, reason, errorText, hadToken) {
+    const r = reason || "";
+    const detail = errorText || r;
+    const gpu = /GPU (\d+)/.exec(detail);
+    if (code === 1008 && r === "No GPU resources available")
+      return { kind: "warn", text: "All GPUs are busy, try again shortly." };
+    if (code === 1008 && r === "Unauthorized")
+      return {
+        kind: "warn",
+        askToken: true,
+        text: hadToken
+          ? "The server did not accept this access token. Check it and press Start again."
+          : "This server needs an access token. Enter it below and press Start.",
+      };
+    if (code === 1008 && r === "Origin not allowed")
+      return {
+        kind: "error",
+        text: `This server does not accept connections from ${location.origin} ` +
+          "(Origin not allowed). Its operator can add this address to --allowed-origins.",
+      };
+    if (code === 1001 && r.startsWith("Server is draining"))
+      return { kind: "warn", text: "The server is restarting and not taking new streams. Try again in a moment." };
+    if (code === 1001)
+      return { kind: "warn", text: "The server is shutting down. The captions above are all it finished." };
+    if (code === 1003) return { kind: "error", text: `The server expected audio frames (${detail}).` };
+    if (code === 1007)
+      return { kind: "error", text: `The server could not decode this browser's audio (${detail}).` };
+    if (code === 1009) return { kind: "error", text: `An audio chunk was too large for the server (${detail}).` };
+    if (code === 1011 && detail.startsWith("GPU memory full"))
+      return { kind: "error", text: `GPU ${gpu ? gpu[1] : ""} ran out of memory. Try again shortly. (${detail})` };
+    if (code === 1011 && detail.startsWith("Model load failed"))
+      return { kind: "error", text: `The speech model could not be loaded on GPU ${gpu ? gpu[1] : ""}. (${detail})` };
+    if (code === 1011) return { kind: "error", text: `The server hit an internal error. Try again. (${detail})` };
+    if (code === 1008) return { kind: "error", text: `The server refused the connection: ${detail || "policy violation"}.` };
+    if (code === 1006) return { kind: "error", text: "Lost the connection to the server." };
+    return { kind: "error", text: `The connection closed (code ${code}${detail ? ": " + detail : ""}).` };
+  }
+
+  function microphoneMessage(err) {
+    const name = err && err.name;
+    if (name === "NotAllowedError" || name === "SecurityError")
+      return "Microphone access was refused. Allow it in the browser's site settings and press Start again.";
+    if (name === "NotFoundError" || name === "OverconstrainedError") return "No microphone was found.";
+    if (name === "NotReadableError") return "The microphone is in use by another application.";
+    return `Could not open the microphone (${(err && err.message) || err}).`;
+  }
+
+  // ---- page state ------------------------------------------------------------------
+
+  const BUTTON = {
+    idle: ["Start", false], starting: ["Cancel", false], connecting: ["Cancel", false],
+    streaming: ["Stop", false], stopping: ["Finishing…", true], finished: ["Start", false], failed: ["Start", false],
+  };
+
+  function setState(state, text) {
+    ui.body.dataset.state = state;
+    const [label, disabled] = BUTTON[state];
+    ui.button.textContent = label;
+    ui.button.disabled = disabled;
+    ui.button.classList.toggle("danger", state === "streaming");
+    if (text !== undefined) ui.status.textContent = text;
+  }
+
+  function showNotice(kind, text) {
+    ui.notice.className = `notice ${kind}`;
+    ui.notice.textContent = text;
+    ui.notice.hidden = false;
+  }
+
+  function clearNotice() {
+    ui.notice.hidden = true;
+    ui.notice.textContent = "";
+  }
+
+  function showTokenField(focus) {
+    ui.tokenForm.hidden = false;
+    if (focus) ui.token.focus();
+  }
+
+  // ---- captions --------------------------------------------------------------------
+
+  function speakerColor(speaker) {
+    return speaker > 0 ? `var(--speaker-${((speaker - 1) % SPEAKER_COLORS) + 1})` : "var(--muted)";
+  }
+
+  function shortTime(text, seconds) {
+    if (typeof text === "string" && text) return text.replace(/^0:(?=\d\d:)/, ""); // H:MM:SS.cc → MM:SS.cc
+    if (typeof seconds !== "number") return "";
+    const m = Math.floor(seconds / 60);
+    const s = (seconds - 60 * m).toFixed(2).padStart(5, "0");
+    return `${String(m).padStart(2, "0")}:${s}`;
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function timeRange(line) {
+    const t = el("time", "when", `${shortTime(line.start, line.start_s)} – ${shortTime(line.end, line.end_s)}`);
+    if (typeof line.start_s === "number") t.dateTime = `PT${line.start_s}S`;
+    return t;
+  }
+
+  function lineElement(line) {
+    if (line.speaker === SILENCE) {
+      const gap = el("div", "gap");
+      const seconds = typeof line.start_s === "number" ? ` ${(line.end_s - line.start_s).toFixed(1)} s` : "";
+      gap.append(el("span", "gap-label", `silence${seconds}`), timeRange(line));
+      return gap;
+    }
+    const row = el("div", "line");
+    row.dataset.speaker = String(line.speaker);
+    row.style.setProperty("--speaker", speakerColor(line.speaker));
+    const meta = el("div", "meta");
+    meta.append(el("span", "who", line.speaker > 0 ? `Speaker ${line.speaker}` : "Speaker …"), timeRange(line));
+    row.append(meta, el("p", "text", line.text || ""));
+    return row;
+  }
+
+  function render(update) {
+    const lines = Array.isArray(update.lines) ? update.lines : [];
+    const atBottom = ui.captions.scrollHeight - ui.captions.scrollTop - ui.captions.clientHeight < 40;
+    ui.captions.querySelectorAll(".placeholder, .pending, .buffer").forEach((n) => n.remove());
+
+    lines.forEach((line, i) => {
+      const key = JSON.stringify([line.speaker, line.text, line.start, line.end]);
+      if (rendered[i] && rendered[i].key === key) return;
+      const node = lineElement(line);
+      if (rendered[i]) rendered[i].el.replaceWith(node);
+      else ui.captions.append(node);
+      rendered[i] = { key, el: node };
+    });
+    rendered.splice(lines.length).forEach((r) => r.el.remove());
+
+    // Words not final yet, greyed: after the last speech line, or on a row of their own.
+    const diar = update.buffer_diarization || "";
+    const trans = update.buffer_transcription || "";
+    if (diar.trim() || trans.trim()) {
+      const last = lines[lines.length - 1];
+      let host;
+      if (last && last.speaker !== SILENCE) {
+        host = rendered[lines.length - 1].el.querySelector(".text");
+      } else {
+        const row = el("div", "line pending");
+        row.style.setProperty("--speaker", "var(--muted)");
+        const meta = el("div", "meta");
+        meta.append(el("span", "who", "…"));
+        host = el("p", "text");
+        row.append(meta, host);
+        ui.captions.append(row);
+      }
+      if (diar.trim()) host.append(el("span", "buffer buffer-diarization", spaced(host, diar)));
+      if (trans.trim()) host.append(el("span", "buffer buffer-transcription", spaced(host, trans)));
+    }
+    if (!ui.captions.children.length) {
+      const quiet = update.status === "no_audio_detected";
+      ui.captions.append(el("p", "placeholder", quiet ? "Listening… no speech yet." : "Captions appear here as you speak."));
+    }
+    if (atBottom) ui.captions.scrollTop = ui.captions.scrollHeight;
+
+    const lagT = Number(update.remaining_time_transcription) || 0;
+    const lagD = Number(update.remaining_time_diarization) || 0;
+    const parts = [];
+    if (lagT > 0.1) parts.push(`transcription ${lagT.toFixed(1)} s behind`);
+    if (lagD > 0.1) parts.push(`speakers ${lagD.toFixed(1)} s behind`);
+    ui.lag.textContent = parts.join(" · ");
+  }
+
+  function spaced(host, text) {
+    const before = host.textContent;
+    return before && !/\s$/.test(before) && !/^\s/.test(text) ? " " + text : text;
+  }
+
+  function clearCaptions() {
+    rendered = [];
+    ui.captions.replaceChildren(el("p", "placeholder", "Captions appear here as you speak."));
+    ui.lag.textContent = "";
+  }
+
+  // ---- level meter -----------------------------------------------------------------
+
+  function startMeter(r) {
+    const analyser = r.ctx.createAnalyser();
+    analyser.fftSize = 1024;
+    r.source.connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    let peak = 0;
+    const tick = () => {
+      if (run !== r || !r.meterOn) return;
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const s of samples) sum += s * s;
+      const db = 10 * Math.log10(sum / samples.length + 1e-12); // RMS in dBFS
+      const level = Math.max(0, Math.min(1, (db + 60) / 55)); // -60 dB → empty, -5 dB → full
+      ui.level.style.transform = `scaleX(${level.toFixed(3)})`;
+      ui.level.classList.toggle("hot", level > 0.9);
+      if (level > peak) {
+        peak = level;
+        ui.level.dataset.peak = peak.toFixed(2);
+      }
+      requestAnimationFrame(tick);
+    };
+    r.meterOn = true;
+    requestAnimationFrame(tick);
+  }
+
+  // ---- recording -------------------------------------------------------------------
+
+  function recorderType() {
+    if (typeof MediaRecorder === "undefined") return null;
+    for (const type of ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/webm"])
+      if (MediaRecorder.isTypeSupported(type)) return type;
+    return null;
+  }
+
+  /** Send a frame after every frame queued before it (a Blob is read into an ArrayBuffer first). */
+  function send(r, data) {
+    if (r.ended) return r.outbox; // nothing may follow the end of stream
+    r.outbox = (r.outbox || Promise.resolve())
+      .then(() => (data instanceof Blob ? data.arrayBuffer() : data))
+      .then((bytes) => {
+        if (r.ws.readyState === WebSocket.OPEN) r.ws.send(bytes);
+      })
+      .catch(() => {});
+    return r.outbox;
+  }
+
+  function startMediaRecorder(r) {
+    const type = recorderType();
+    r.recorder = new MediaRecorder(r.stream, type ? { mimeType: type } : undefined);
+    r.recorder.ondataavailable = (event) => {
+      if (event.data && event.data.size > 0) send(r, event.data); // never an empty frame: that ends the stream
+    };
+    r.recorder.start(TIMESLICE_MS);
+    ui.format.textContent = `${(r.recorder.mimeType || type || "audio").split(";")[0]} · MediaRecorder`;
+  }
+
+  async function startWorklet(r) {
+    await r.ctx.audioWorklet.addModule("/static/pcm-worklet.js");
+    r.worklet = new AudioWorkletNode(r.ctx, "pcm-downsampler", {
+      numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1], channelCount: 1, channelCountMode: "explicit",
+    });
+    r.worklet.port.onmessage = (event) => {
+      if (event.data instanceof ArrayBuffer) send(r, event.data);
+      else if (event.data && event.data.type === "flushed" && r.onFlushed) r.onFlushed();
+    };
+    r.source.connect(r.worklet);
+    r.worklet.connect(r.ctx.destination); // it outputs silence; connected so the graph runs it
+    ui.format.textContent = `16 kHz PCM · AudioWorklet (from ${r.ctx.sampleRate / 1000} kHz)`;
+  }
+
+  async function beginStreaming(r, useWorklet) {
+    if (r.recording) return;
+    r.recording = true;
+    clearTimeout(r.configTimer);
+    if (r.ctx.state === "suspended") await r.ctx.resume().catch(() => {});
+    try {
+      if (useWorklet) await startWorklet(r);
+      else startMediaRecorder(r);
+    } catch (err) {
+      showNotice("error", `Could not start recording: ${err.message || err}`);
+      r.failed = true;
+      r.ws.close(1000);
+      return;
+    }
+    if (run !== r || r.stopping) return;
+    setState("streaming", "Listening. Speak now.");
+    if (navigator.wakeLock) navigator.wakeLock.request("screen").then((l) => { r.wakeLock = l; }, () => {});
+  }
+
+  /** Stop capturing and hand the server everything recorded so far. */
+  async function finishRecording(r) {
+    if (r.recorder && r.recorder.state !== "inactive") {
+      const stopped = new Promise((resolve) => r.recorder.addEventListener("stop", resolve, { once: true }));
+      r.recorder.stop(); // fires the last `dataavailable` before `stop`
+      await stopped;
+    }
+    if (r.worklet) {
+      r.source.disconnect(r.worklet); // no new audio; what it holds comes before "flushed"
+      await new Promise((resolve) => {
+        r.onFlushed = resolve;
+        r.worklet.port.postMessage({ type: "flush" });
+        setTimeout(resolve, 500);
+      });
+      r.worklet.port.onmessage = null;
+    }
+  }
+
+  function releaseAudio(r) {
+    r.meterOn = false;
+    if (r.recorder && r.recorder.state !== "inactive") {
+      r.recorder.ondataavailable = null;
+      r.recorder.stop();
+    }
+    if (r.worklet) r.worklet.port.onmessage = null;
+    r.stream.getTracks().forEach((t) => t.stop());
+    if (r.ctx.state !== "closed") r.ctx.close().catch(() => {});
+    if (r.wakeLock) r.wakeLock.release().catch(() => {});
+    ui.level.style.transform = "scaleX(0)";
+  }
+
+  // ---- the socket ------------------------------------------------------------------
+
+  function socketUrl(token, wantPcm) {
+    const params = new URLSearchParams();
+    for (const name of ["format", "language"]) if (pageQuery.get(name)) params.set(name, pageQuery.get(name));
+    if (wantPcm && !params.has("format")) params.set("format", "pcm");
+    if (token) params.set("token", token);
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = params.toString();
+    return `${scheme}//${location.host}/asr${query ? "?" + query : ""}`;
+  }
+
+  function showDevice(config) {
+    const where = config.device === "cpu" ? "CPU" : `GPU ${config.gpu_id}` + (config.device ? ` · ${config.device}` : "");
+    ui.device.textContent = config.model ? `${where} · ${config.model}` : where;
+    ui.device.title = config.connection_id ? `connection ${config.connection_id}` : "";
+    ui.device.hidden = false;
+  }
+
+  function onMessage(r, event) {
+    if (typeof event.data !== "string") return;
+    let msg;
+    try {
+      msg = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (msg.type === "config") {
+      r.config = msg;
+      showDevice(msg);
+      if (!r.stopping) beginStreaming(r, !!msg.useAudioWorklet);
+    } else if (msg.type === "ready_to_stop") {
+      r.readyToStop = true;
+      ui.status.textContent = "All audio processed.";
+      // The server closes next; a server that does not is closed from here.
+      r.closeTimer = setTimeout(() => r.ws.close(1000), 3000);
+    } else if (msg.type === "error") {
+      r.error = msg.error || "error";
+      showNotice("error", r.error);
+    } else if (Array.isArray(msg.lines)) {
+      render(msg);
+    }
+  }
+
+  function onClose(r, event) {
+    clearTimeout(r.configTimer);
+    clearTimeout(r.closeTimer);
+    clearTimeout(r.stopTimer);
+    releaseAudio(r);
+    if (run === r) run = null;
+    const normal = event.code === 1000 || event.code === 1005;
+    if (normal && r.cancelled) {
+      setState("idle", "Cancelled. Press Start to try again.");
+      return;
+    }
+    if (normal && r.failed) { // the notice says why
+      setState("failed", "Press Start to try again.");
+      return;
+    }
+    if (normal && (r.readyToStop || r.stopping)) {
+      ui.lag.textContent = "";
+      const count = rendered.filter((x) => x.el.classList.contains("line")).length;
+      setState("finished", r.readyToStop
+        ? `Finished. ${count} caption line${count === 1 ? "" : "s"}.`
+        : "Stopped. The server closed before confirming that it had processed all the audio.");
+      return;
+    }
+    if (!r.opened) {
+      showNotice("error", `Could not reach the server at ${location.host}. Is it running?`);
+      setState("failed", "Press Start to try again.");
+      return;
+    }
+    const m = closeMessage(event.code, event.reason, r.error, !!r.token);
+    showNotice(m.kind, m.text);
+    if (m.askToken) showTokenField(true);
+    setState("failed", "Stopped. Press Start to try again.");
+  }
+
+  function connect(r) {
+    const ws = new WebSocket(socketUrl(r.token, r.wantPcm));
+    ws.binaryType = "arraybuffer";
+    r.ws = ws;
+    ws.onopen = () => {
+      r.opened = true;
+      if (r.stopping) return;
+      setState("connecting", "Connected. Waiting for the server…");
+      // WhisperLiveKit servers before `config` existed never send one: stream webm anyway.
+      r.configTimer = setTimeout(() => beginStreaming(r, r.wantPcm), CONFIG_WAIT_MS);
+    };
+    ws.onmessage = (event) => onMessage(r, event);
+    ws.onclose = (event) => onClose(r, event);
+  }
+
+  // ---- buttons ---------------------------------------------------------------------
+
+  async function start() {
+    clearNotice();
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      showNotice("error", "This browser gives the microphone only to https:// pages (or localhost). " +
+        "Open the page over https (streamserver --ssl-certfile/--ssl-keyfile).");
+      return;
+    }
+    const token = ui.token.value.trim();
+    if (token) localStorage.setItem(TOKEN_KEY, token);
+    else localStorage.removeItem(TOKEN_KEY);
+
+    const ctx = new (window.AudioContext || window.webkitAudioContext)(); // made in the click: allowed to run
+    const wantPcm = pageQuery.get("format") === "pcm" || (!recorderType() && !!ctx.audioWorklet);
+    const r = { ctx, token, wantPcm };
+    run = r;
+    setState("starting", "Asking for the microphone…");
+    try {
+      r.stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (err) {
+      ctx.close().catch(() => {});
+      run = null;
+      showNotice("error", microphoneMessage(err));
+      setState("failed", "Press Start to try again.");
+      return;
+    }
+    if (r.cancelled) {
+      r.stream.getTracks().forEach((t) => t.stop());
+      ctx.close().catch(() => {});
+      return;
+    }
+    clearCaptions();
+    ui.device.hidden = true;
+    ui.format.textContent = "";
+    r.source = ctx.createMediaStreamSource(r.stream);
+    startMeter(r);
+    setState("connecting", "Connecting…");
+    connect(r);
+  }
+
+  async function stop(r) {
+    if (r.stopping) return;
+    r.stopping = true;
+    if (!r.recording) { // nothing sent yet: just leave
+      r.cancelled = true;
+      if (r.ws) r.ws.close(1000);
+      else {
+        run = null;
+        setState("idle", "Cancelled.");
+      }
+      return;
+    }
+    setState("stopping", "Finishing: the last words are on their way…");
+    await finishRecording(r);
+    const sent = send(r, new ArrayBuffer(0)); // end of stream, after the last audio
+    r.ended = true;
+    await sent;
+    r.meterOn = false;
+    r.stream.getTracks().forEach((t) => t.stop()); // the microphone is free now
+    ui.level.style.transform = "scaleX(0)";
+    r.stopTimer = setTimeout(() => r.ws.close(1000), STOP_WAIT_MS);
+  }
+
+  ui.button.addEventListener("click", () => (run ? stop(run) : start()));
+  ui.tokenForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!run) start();
+  });
+
+  const savedToken = pageQuery.get("token") || localStorage.getItem(TOKEN_KEY);
+  if (savedToken) {
+    ui.token.value = savedToken;
+    showTokenField(false);
+  }
+
+  // For tests and for anyone embedding the page.
+  window.streamserverPage = { closeMessage, render };
+})();
