@@ -1,0 +1,55 @@
+"""Capacity sweep: N = 1, 2, 4, ... concurrent real-time streams against one server URL.
+
+    python bench/capacity.py --url ws://127.0.0.1:8000/asr --audio speech.wav --reference "..." [--max-streams 16]
+
+For each N it prints caption lag p50/p95, mean WER and the server's memory, and
+at the end the capacity: the largest N whose p95 lag stays under --lag-limit
+(2.0 s) with no stream failing. Point --url at any server that speaks the
+WhisperLiveKit `/asr` protocol with PCM input (ours, or `whisperlivekit-server
+--pcm-input`) to compare both on the same machine and audio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.load_client import load_pcm16k, run, server_memory  # noqa: E402
+from bench.metrics import percentile, wer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="ws://127.0.0.1:8000/asr")
+    ap.add_argument("--audio", required=True)
+    ap.add_argument("--reference", default="", help="reference text (or @file)")
+    ap.add_argument("--max-streams", type=int, default=16)
+    ap.add_argument("--lag-limit", type=float, default=2.0)
+    ap.add_argument("--chunk-ms", type=int, default=100)
+    ap.add_argument("--stagger", type=float, default=0.1)
+    args = ap.parse_args()
+    reference = Path(args.reference[1:]).read_text() if args.reference.startswith("@") else args.reference
+    pcm = load_pcm16k(args.audio)
+    asyncio.run(run(args.url, pcm[: 2 * 32000], 1, args.chunk_ms, 0.0))  # the first load is not a stream's lag
+    capacity, n = 0, 1
+    print(f"url={args.url} audio={len(pcm) / 32000:.1f}s lag limit p95 < {args.lag_limit:.1f}s")
+    print(f"{'N':>4} {'p50 lag':>8} {'p95 lag':>8} {'WER':>6} {'errors':>6}  memory")
+    while n <= args.max_streams:
+        results = asyncio.run(run(args.url, pcm, n, args.chunk_ms, args.stagger))
+        lags = [x for r in results for x in r.lags]
+        errors = sum(1 for r in results if r.error)
+        w = np.mean([wer(reference, r.text) for r in results]) if reference else float("nan")
+        p95 = percentile(lags, 0.95)
+        print(f"{n:>4} {percentile(lags, 0.5):>7.2f}s {p95:>7.2f}s {w:>6.3f} {errors:>6}  {server_memory(args.url)}")
+        if errors or not lags or p95 >= args.lag_limit:
+            break
+        capacity, n = n, n * 2
+    print(f"capacity: {capacity} real-time stream(s) at p95 lag < {args.lag_limit:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
