@@ -8,12 +8,15 @@ import torch
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
 from tests.live import drain_until_closed, open_asr, recv_json, serve_app
+from tests.random_whisper import save_random_whisper
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
 def test_models_are_pinned_to_cuda0(tmp_path):
-    app = create_app(ServerConfig(cache_dir=str(tmp_path), gpus=(0,), pcm_input=True))
+    # Random weights of tiny.en's architecture: the GPU machine cannot fetch the real ones.
+    model = save_random_whisper("tiny.en", tmp_path / "tiny-random.pt")
+    app = create_app(ServerConfig(model=str(model), cache_dir=str(tmp_path), gpus=(0,), pcm_input=True))
     with serve_app(app) as base:
         ws = open_asr(base)
         cfg = recv_json(ws, timeout=60)
