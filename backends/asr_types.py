@@ -5,8 +5,13 @@ Plain values, so policies are tested with hand-made hypotheses.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Generator
+from typing import TypeVar
 from dataclasses import dataclass
 
+import numpy as np
+
+T = TypeVar("T")
 _NORM = re.compile(r"[^\w']+")
 
 
@@ -42,3 +47,28 @@ class Segment:
 def join_words(words: list[Word] | tuple[Word, ...]) -> str:
     """Caption text of consecutive words (Whisper's words carry their own spaces)."""
     return "".join(w.text for w in words).strip()
+
+
+@dataclass(frozen=True)
+class TranscribeJob:
+    """One stream's request to the ASR: its audio buffer (16 kHz float32), the committed text to prompt with."""
+
+    audio: np.ndarray
+    prompt: str = ""
+    language: str | None = None
+
+
+# A streaming step that may ask the ASR for transcriptions: it yields jobs, is sent
+# back each job's segments, and returns its result. The device scheduler drives many
+# such steps at once and answers their jobs in batches; `drive` answers one directly.
+Steps = Generator[TranscribeJob, list[Segment], "object"]
+
+
+def drive(steps: Generator[TranscribeJob, list[Segment], T], transcribe: Callable[[TranscribeJob], list[Segment]]) -> T:
+    """Run `steps` to its end, answering each job with `transcribe(job)`; returns the step's result."""
+    try:
+        job = next(steps)
+        while True:
+            job = steps.send(transcribe(job))
+    except StopIteration as stop:
+        return stop.value

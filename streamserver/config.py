@@ -30,6 +30,8 @@ class ServerConfig:
     ssl_keyfile: str | None = None
     log_level: str = "info"
     cache_dir: str | None = None
+    max_batch: int = 32  # streams per batched Whisper call
+    bucket_seconds: float = 5.0  # encoder windows grow in steps of this (0: always 30 s, as openai-whisper)
 
     @property
     def effective_language(self) -> str:

@@ -244,7 +244,6 @@ class Connection:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
             options = SessionOptions(self.config.silence_line_seconds, language=self.language)
             session = Session(self.inbox, models, options)
-            stages = ("vad", "encoder", "decoder") + (("diarization",) if models.diarizer is not None else ())
             while not (self.ended or self.draining):
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
@@ -254,9 +253,9 @@ class Connection:
                 except TimeoutError:
                     continue
                 self.audio_arrived.clear()
-                state = await self._infer(session.step, stages)
+                state = await self._infer(session.step)
                 self.slot.put(Update(protocol.update_message(state), self.inbox.received_seconds))
-            final = await self._infer(session.finish, stages)
+            final = await self._infer(session.finish)
             if self.ended:
                 self.slot.put(Final((protocol.update_message(final), protocol.ready_to_stop_message())))
             else:  # drained: the last update, then 1001 (no ready_to_stop: the client never ended)
@@ -265,16 +264,17 @@ class Connection:
             self.server.memory.account.remove_stream(self.device.id, self.id)
             self.runtime.release()
 
-    async def _infer(self, fn, stages: tuple[str, ...]) -> CaptionState:
-        """Run a session step on the device worker, and record what it did in the metrics."""
+    async def _infer(self, steps) -> CaptionState:
+        """Run a session step in the device scheduler's next round, and record what it did in the metrics."""
         inbox = self.inbox
 
-        def job() -> tuple[CaptionState, float]:
+        def job():
             received = inbox.received_seconds  # before the step: it takes in at least this much
-            return fn(), received
+            state = yield from steps()
+            return state, received
 
         try:
-            state, received = await self.runtime.run(job, stages=stages)
+            state, received = await self.runtime.scheduler.submit(job())
         except ConnectionFailure:
             raise
         except Exception as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from backends.vad import SileroVAD
-from backends.whisper_asr import WhisperASR
+from backends.batched_whisper import BatchedWhisper
 from backends.whisper_loader import load_whisper
 from gpu_manager import Device
 
@@ -77,7 +77,7 @@ def make_loader(config: ServerConfig) -> ModelLoader:
 
     def load(device: Device) -> DeviceModels:
         whisper_model = load_whisper(config.model, device.torch_device, cache_dir=config.cache_dir)
-        asr = WhisperASR(whisper_model, config.effective_language, config.model_label)
+        asr = BatchedWhisper(whisper_model, config.effective_language, config.model_label, config.bucket_seconds)
         asr.warm_up()
         vad = SileroVAD(device.torch_device)
         diarizer, diarizer_name, diarizer_bytes = _load_diarizer(backend, config, device)

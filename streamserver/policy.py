@@ -8,12 +8,12 @@ whisper_streaming's `HypothesisBuffer` + `OnlineASRProcessor`, with typed words.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import Segment, Word, join_words
+from backends.asr_types import Segment, TranscribeJob, Word, drive, join_words
 
 SAMPLE_RATE = 16000
 
@@ -79,17 +79,22 @@ class LocalAgreementPolicy:
     """One utterance's streaming transcription: insert audio, process, finish.
 
     `start(t)` begins a new utterance at stream time `t` (the VAD calls it);
-    times in every output are stream times.
+    times in every output are stream times. `process_steps` and `finish_steps`
+    yield their Whisper call as a `TranscribeJob` so that the device scheduler
+    can batch it with other streams' calls; `process` and `finish` answer it
+    with `transcribe` directly.
     """
 
     def __init__(
         self,
-        transcribe: Transcribe,
+        transcribe: Transcribe | None = None,
         trim_seconds: float = 15.0,
         max_buffer_seconds: float = 25.0,
         prompt_chars: int = 200,
+        language: str | None = None,
     ) -> None:
         self.transcribe = transcribe
+        self.language = language
         self.trim_seconds = trim_seconds
         self.max_buffer_seconds = max_buffer_seconds
         self.prompt_chars = prompt_chars
@@ -107,9 +112,16 @@ class LocalAgreementPolicy:
         self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
 
     def process(self) -> PolicyOutput:
+        return drive(self.process_steps(), self._answer)
+
+    def finish(self) -> list[Word]:
+        return drive(self.finish_steps(), self._answer)
+
+    def process_steps(self) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
         """Transcribe the buffer once; commit what the last two hypotheses agree on."""
         self.processed_samples = len(self.audio)
-        segments = [s.shifted(self.offset) for s in self.transcribe(self.audio, self._prompt())]
+        answer = yield TranscribeJob(self.audio, self._prompt(), self.language)
+        segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
         committed = self.hypothesis.insert(words)
         self._remember(committed)
@@ -121,16 +133,21 @@ class LocalAgreementPolicy:
             self._trim_at_segment(segments)
         return PolicyOutput(committed, list(self.hypothesis.pending))
 
-    def finish(self) -> list[Word]:
+    def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance: transcribe what is left unprocessed, then commit everything."""
         committed: list[Word] = []
         if len(self.audio) > self.processed_samples:
-            committed = self.process().committed
+            committed = (yield from self.process_steps()).committed
         committed += self._flush()
         self.start(self.end_time)
         return committed
 
     # -- helpers ----------------------------------------------------------
+    def _answer(self, job: TranscribeJob) -> list[Segment]:
+        if self.transcribe is None:
+            raise RuntimeError("no transcribe function: drive process_steps() from a scheduler")
+        return self.transcribe(job.audio, job.prompt)
+
     @property
     def buffer_seconds(self) -> float:
         return len(self.audio) / SAMPLE_RATE

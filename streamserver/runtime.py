@@ -3,11 +3,8 @@
 Models load lazily on the first connection (later arrivals wait for the same
 load), are shared by all of that device's connections, and are dropped after
 `idle_unload_seconds` without a connection. All inference for the device runs
-on its one worker thread, never on the event loop.
-
-Each inference job is recorded as a batch of one stream for every stage it
-runs, with the time it waited for the worker (`Metrics.observe_batch`); the
-batching scheduler that replaces the worker reports its real batches the same way.
+on its one worker thread, never on the event loop; its `scheduler` batches the
+connections' work into rounds on that thread.
 """
 from __future__ import annotations
 
@@ -23,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gpu_manager import Device, MemoryAccount
 
 from .errors import GpuOutOfMemory, ModelLoadFailed, is_out_of_memory
+from .scheduler import DeviceScheduler
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -54,6 +52,7 @@ class DeviceRuntime:
         idle_unload_seconds: float = 120.0,
         account: MemoryAccount | None = None,
         metrics: Metrics | None = None,
+        max_batch: int = 32,
     ) -> None:
         self.device = device
         self.loader = loader
@@ -66,29 +65,12 @@ class DeviceRuntime:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"device{device.id}")
         self._loading: asyncio.Future | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self.scheduler = DeviceScheduler(self, max_batch)
 
     # -- inference ------------------------------------------------------
-    async def run(self, fn: Callable[..., T], *args: Any, stages: tuple[str, ...] = ()) -> T:
-        """Run `fn` on this device's worker thread.
-
-        `stages` names the pipeline stages an inference job runs (`vad`, `encoder`, ...):
-        such a job is counted in the metrics as one batch of size 1 per stage, and its
-        run time as compute time. Housekeeping jobs (loading, freeing) pass none.
-        """
-        if not stages or self.metrics is None:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        metrics, gpu_id, submitted = self.metrics, self.device.id, time.perf_counter()
-
-        def job() -> T:
-            started = time.perf_counter()
-            for stage in stages:
-                metrics.observe_batch(gpu_id, stage, 1, started - submitted)
-            try:
-                return fn(*args)
-            finally:
-                metrics.observe_compute(gpu_id, time.perf_counter() - started)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on this device's worker thread (scheduler rounds, loading, freeing)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- lifecycle ------------------------------------------------------
     async def acquire(self) -> DeviceModels:

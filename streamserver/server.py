@@ -44,7 +44,7 @@ class Server:
         allocator = Allocator(inventory.devices, limit, memory)
         metrics = Metrics(allocator, memory)
         runtimes = {
-            d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account, metrics)
+            d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account, metrics, config.max_batch)
             for d in inventory.devices
         }
         for d in inventory.devices:

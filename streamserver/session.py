@@ -1,9 +1,12 @@
 """One connection's pipeline state, from decoded audio to caption state.
 
 A `Session` is a plain object owned by its connection. The event loop puts
-decoded audio in its `AudioInbox`; the device's worker thread calls `step()` and
-`finish()`, which run the VAD, the streaming policy and attribution and return
-the caption state to send. Nothing here touches the socket.
+decoded audio in its `AudioInbox`; the device scheduler drives `step()` and
+`finish()` on its worker thread. Both are generators: they run the VAD, yield
+each Whisper call they need as a `TranscribeJob` (the scheduler batches the jobs
+of all sessions and sends back the segments), then apply the streaming policy
+and attribution and return the caption state to send. Nothing here touches the
+socket.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import join_words
+from backends.asr_types import Steps, join_words
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter
 
 from .attribution import SpeakerAttribution
@@ -62,11 +65,10 @@ class Session:
     def __init__(self, inbox: AudioInbox, models, options: SessionOptions = SessionOptions()) -> None:
         self.inbox = inbox
         self.options = options
-        asr = models.asr
         self.vad: SileroVAD = models.vad
         self.vad_state = self.vad.new_state()
         self.segmenter = SpeechSegmenter()
-        self.policy = LocalAgreementPolicy(lambda audio, prompt: asr.transcribe(audio, prompt, options.language))
+        self.policy = LocalAgreementPolicy(language=options.language)
         self.transcript = Transcript()
         self.diarizer = models.diarizer
         self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None
@@ -84,26 +86,26 @@ class Session:
         self._tentative: list = []
 
     # -- worker side ----------------------------------------------------
-    def step(self) -> CaptionState:
+    def step(self) -> Steps:
         """Take in what arrived, run the VAD, and call Whisper when enough speech waits."""
         with self._lock:
-            self._take_in()
+            yield from self._take_in()
             if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
-                out = self.policy.process()
+                out = yield from self.policy.process_steps()
                 self._commit(out.committed)
                 self._tentative = out.tentative
             self._attribute()
             self._note_silence(self._vad_samples)
             return self.state()
 
-    def finish(self) -> CaptionState:
+    def finish(self) -> Steps:
         """End of stream: everything still held is transcribed and committed."""
         with self._lock:
-            self._take_in()
+            yield from self._take_in()
             tail_end = self._recent_start + len(self._recent)
             if self._in_speech:
                 self._feed_policy(tail_end)
-                self._commit(self.policy.finish())
+                self._commit((yield from self.policy.finish_steps()))
                 self._in_speech = False
                 self._speech_end = tail_end
             self._tentative = []
@@ -127,7 +129,7 @@ class Session:
         )
 
     # -- internals --------------------------------------------------------
-    def _take_in(self) -> None:
+    def _take_in(self) -> Steps:
         audio = self.inbox.take()
         if not audio.size:
             return
@@ -142,7 +144,7 @@ class Session:
             if event.kind == "start":
                 self._speech_starts(max(event.sample, self._speech_end, self._recent_start))
             else:
-                self._speech_ends(max(event.sample, self._fed_until))
+                yield from self._speech_ends(max(event.sample, self._fed_until))
         self._vad_samples += len(probs) * WINDOW
         if self._in_speech:
             self._feed_policy(self._vad_samples)
@@ -170,9 +172,9 @@ class Session:
                 else:
                     self.transcript.add_words([item], speaker)
 
-    def _speech_ends(self, sample: int) -> None:
+    def _speech_ends(self, sample: int) -> Steps:
         self._feed_policy(sample)
-        self._commit(self.policy.finish())
+        self._commit((yield from self.policy.finish_steps()))
         self._tentative = []
         self._in_speech = False
         self._speech_end = sample

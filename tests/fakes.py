@@ -41,6 +41,9 @@ class EchoASR:
         words = tuple(Word(float(i), float(i) + 0.8, f" w{i}") for i in range(n))
         return [Segment(0.0, float(n), words)] if words else []
 
+    def transcribe_batch(self, jobs) -> list[list[Segment]]:
+        return [self.transcribe(job.audio, job.prompt, job.language) for job in jobs]
+
 
 class LoudVAD:
     """Stands in for Silero: every window with energy is speech."""
