@@ -27,15 +27,17 @@ import torch
 import torch.nn.functional as F
 import whisper
 from whisper.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters
-from whisper.timing import dtw, median_filter
+from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from .asr_types import Segment, TranscribeJob, Word
+from .decoder_step import DecoderStep, StepBuffers
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
 SENTENCE_END = (".", "?", "!")
 BACKTRACK = 2 * TOKENS_PER_SECOND  # a token attending this far behind the text so far is a repeat
+ENCODE_BATCH = 32  # windows per encoder call: enough to fill a GPU, and the activations stay bounded
 MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio (Whisper ends text on silence)
 
 
@@ -67,9 +69,12 @@ class BatchedWhisper:
         name: str = "",
         bucket_seconds: float = 5.0,
         max_tokens_per_second: float = 8.0,
+        fp16: bool | None = None,
+        max_batch: int = 32,
+        cuda_graphs: bool | None = None,
     ) -> None:
-        self.fp16 = model.device.type == "cuda"
-        self.model = model.half() if self.fp16 else model
+        self.fp16 = model.device.type == "cuda" if fp16 is None else fp16
+        self.model = _half(model) if self.fp16 else model
         self.model.eval()
         self.name = name
         self.language = None if language in (None, "auto") else language
@@ -84,6 +89,13 @@ class BatchedWhisper:
         self._align = [(int(l), int(h)) for l, h in heads.nonzero().tolist()]
         self._align_layers = sorted({l for l, _ in self._align})
         self._tokenizers: dict[str | None, Tokenizer] = {}
+        # Benchmarks with random weights: decode exactly max_new tokens per row (random weights
+        # never say end-of-text, and their attention jumps about).
+        self.force_tokens_per_second: float | None = None
+        self.last_steps = 0  # decoder steps of the last batch
+        self.max_batch = max_batch
+        self._graphs = (model.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self._step: DecoderStep | None = None
         self._suppress: dict[int, torch.Tensor] = {}
 
     @property
@@ -119,9 +131,11 @@ class BatchedWhisper:
         width = max(windows) // 2
         result = torch.zeros(len(audios), width, self.dims.n_audio_state, dtype=self.dtype, device=self.device)
         for frames in sorted(set(windows)):
-            idx = [i for i, w in enumerate(windows) if w == frames]
-            mel = self._mel([audios[i] for i in idx], frames)
-            result[idx, : frames // 2] = self._encoder(mel)
+            same = [i for i, w in enumerate(windows) if w == frames]
+            for k in range(0, len(same), ENCODE_BATCH):  # activations stay bounded whatever the batch
+                idx = same[k:k + ENCODE_BATCH]
+                mel = self._mel([audios[i] for i in idx], frames)
+                result[idx, : frames // 2] = self._encoder(mel)
         valid = [max(1, math.ceil(len(a) / HOP_LENGTH / 2)) for a in audios]
         return result, [w // 2 for w in windows], [min(v, w // 2) for v, w in zip(valid, windows)]
 
@@ -135,6 +149,19 @@ class BatchedWhisper:
         self_kv = 2 * d.n_text_layer * d.n_text_ctx * d.n_text_state * itemsize
         cross_kv = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * itemsize
         return audio + mel + encoded + self_kv + cross_kv
+
+    def measure_stream_bytes(self, streams: int = 4) -> int:
+        """Device memory one stream adds to a round: measured on CUDA as the peak of a batch of
+        `streams` full 29-s windows over what was allocated before; elsewhere `stream_bytes()`."""
+        if self.device.type != "cuda":
+            return self.stream_bytes()
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        noise = (0.01 * np.random.default_rng(0).standard_normal(29 * SAMPLE_RATE)).astype(np.float32)
+        self.transcribe_batch([TranscribeJob(noise)] * streams)
+        torch.cuda.synchronize(self.device)
+        return int((torch.cuda.max_memory_allocated(self.device) - base) / streams)
 
     def warm_up(self) -> None:
         t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
@@ -205,55 +232,102 @@ class BatchedWhisper:
         best = logits[:, -1, lang_ids].argmax(-1).tolist()
         return [tok.all_language_codes[i] for i in best]
 
-    def _decode(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor]:
+    def _decode(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
         """Greedy decoding of all rows at once; returns each row's alignment-head weights [H, n_text+1, frames]."""
-        B = len(rows)
+        B, T = len(rows), encoded.shape[1]
+        buf, stepper = self._stepper(B, T)
+        n = stepper.batch_size(B)
+        stepper.prepare(n, T)  # before the buffers are filled: a capture's warm-up scribbles on them
+        dev, S = self.device, buf.text_ctx
         L0 = max(len(r.context) for r in rows)
-        steps = max(r.max_new for r in rows)
-        pads = [L0 - len(r.context) for r in rows]
-        dev = self.device
+        pads = torch.tensor([L0 - len(r.context) for r in rows], device=dev)
         tokens = torch.zeros(B, L0, dtype=torch.long, device=dev)
         for i, r in enumerate(rows):
-            tokens[i, pads[i]:] = torch.tensor(r.context, device=dev)
-        pad_t = torch.tensor(pads, device=dev)
-        total = L0 + steps
-        key_ok = torch.arange(total, device=dev)[None, :] >= pad_t[:, None]  # [B, total]
-        cache = self._self_cache(B, total)
-        cross = self._cross_kv(encoded)
-        cross_mask = self._cross_mask([r.window for r in rows], encoded)
-        positions = (torch.arange(L0, device=dev)[None, :] - pad_t[:, None]).clamp(min=0)
-        causal = torch.ones(L0, L0, dtype=torch.bool, device=dev).tril()
-        mask = (causal[None] & key_ok[:, None, :L0])[:, None]  # [B, 1, L0, L0]
-        logits, attn = self._forward(tokens, positions, (cache, 0, mask), cross, cross_mask, self._capture())
-        captured = [attn[:, :, -1:]] if attn is not None else []
+            tokens[i, L0 - len(r.context):] = torch.tensor(r.context, device=dev)
+        buf.key_ok[:n] = True  # rows past B are padding: let them see something, never NaN
+        buf.key_ok[:B] = buf.slots[None, :] >= pads[:, None]
+        cross = self._cross_kv(encoded, buf)
+        positions_t = torch.arange(buf.audio_ctx, device=dev)[None, :]
+        windows = torch.tensor([r.window for r in rows], device=dev)
+        heard_ok = torch.tensor([r.frames for r in rows], device=dev)
+        buf.cross_ok[:n] = positions_t[:, None, None, :] == 0
+        buf.cross_ok[:B] = (positions_t < windows[:, None])[:, None, None, :]
+        buf.audio_ok[:n] = positions_t[:, None, :] == 0
+        buf.audio_ok[:B] = (positions_t < heard_ok[:, None])[:, None, :]
         tok = rows[0].tokenizer
-        suppress = self._suppress_ids(tok)
-        blank = torch.tensor(tok.encode(" ") + [tok.eot], device=dev)
-        audio_mask = self._cross_mask([r.frames for r in rows], encoded)[:, :, 0]  # [B, 1, T]
-        last, heard = logits[:, -1], self._attended(attn, audio_mask)
-        for step in range(steps):
-            last[:, suppress] = -math.inf
-            if step == 0:
-                last[:, blank] = -math.inf
-            nxt = last.argmax(-1)
-            picked = torch.stack([nxt, heard]).tolist()  # one host sync per step
+        buf.suppress.zero_()
+        buf.suppress[self._suppress_ids(tok)] = -math.inf
+        # Prefill: the forced tokens of every row in one pass, writing the cache's first L0 slots.
+        cache = [(buf.self_k[layer][:B], buf.self_v[layer][:B]) for layer in range(self.dims.n_text_layer)]
+        positions = (torch.arange(L0, device=dev)[None, :] - pads[:, None]).clamp(min=0)
+        causal = torch.ones(L0, L0, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & buf.key_ok[:B, None, :L0])[:, None]
+        logits, attn = self._forward(tokens, positions, (cache, 0, mask), cross, buf.cross_ok[:B, :, :, :T],
+                                     self._capture())
+        last = logits[:, -1] + buf.suppress
+        last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
+        first = last.argmax(-1)
+        heard = self._attended(attn, buf.audio_ok[:B, :, :T])
+        captured = [attn[:, :, -1:]] if attn is not None else []
+        buf.token[:B, 0] = first
+        buf.pos[:B, 0] = L0 - pads
+        buf.slot.fill_(L0)
+        picked = torch.stack([first, heard]).tolist()  # one host sync per step
+        for step in range(max(r.max_new for r in rows) + 1):
             active = 0
             for i, r in enumerate(rows):
                 if not r.done and self._accept(r, picked[0][i], picked[1][i], tok.eot):
                     active += 1
-            if not active:
+            if not active or L0 + step >= S:
                 break
-            slot = L0 + step
-            pos = (slot - pad_t).clamp(max=self.dims.n_text_ctx - 1)[:, None]
-            step_mask = key_ok[:, None, None, : slot + 1]
-            logits, attn = self._forward(nxt[:, None], pos, (cache, slot, step_mask), cross, cross_mask, self._capture())
+            self.last_steps = step + 1
+            stepper.step(n, T)
             if attn is not None:
-                captured.append(attn)
-            last, heard = logits[:, -1], self._attended(attn, audio_mask)
+                captured.append(buf.attn[:B, :, :, :T].clone())
+            picked = torch.stack([buf.next[:B], buf.heard[:B]]).tolist()
         if not captured:
             return [None] * len(rows)
-        weights = torch.cat(captured, dim=2)  # [B, H, steps+1, T]
-        return [weights[i, :, : len(r.tokens) + 1, : r.frames] for i, r in enumerate(rows)]
+        weights = torch.cat(captured, dim=2)
+        out: list[np.ndarray | None] = []
+        for k in range(0, B, ENCODE_BATCH):
+            out += self._alignment(weights[k:k + ENCODE_BATCH], rows[k:k + ENCODE_BATCH])
+        return out
+
+    def _alignment(self, weights: torch.Tensor, rows: list[_Row]) -> list[np.ndarray | None]:
+        """Token-by-audio alignment matrices of all rows at once, as openai-whisper's `find_alignment`
+        builds them (softmax over the row's audio, normalised across its tokens, median-filtered along
+        time, averaged over heads); one copy to the host for the whole batch."""
+        B, H, N, T = weights.shape
+        dev = weights.device
+        frames = torch.tensor([r.frames for r in rows], device=dev)
+        counts = torch.tensor([len(r.tokens) + 1 for r in rows], device=dev)
+        in_audio = (torch.arange(T, device=dev)[None, :] < frames[:, None])[:, None, None, :]
+        in_text = (torch.arange(N, device=dev)[None, :] < counts[:, None])[:, None, :, None].float()
+        w = weights.float().masked_fill(~in_audio, -math.inf).softmax(-1).nan_to_num(0.0)
+        n = counts[:, None, None, None].float()
+        mean = (w * in_text).sum(-2, keepdim=True) / n
+        std = (((w - mean) ** 2) * in_text).sum(-2, keepdim=True).div(n).sqrt()
+        w = (w - mean) / (std + 1e-8)
+        if T > 3:
+            w = F.pad(w.reshape(B * H, N, T), (3, 3), mode="reflect").unfold(-1, 7, 1).median(-1).values
+        matrices = w.reshape(B, H, N, T).mean(1).cpu().numpy()
+        return [matrices[i, : len(r.tokens) + 1, : r.frames] for i, r in enumerate(rows)]
+
+    def _stepper(self, rows: int, audio_ctx: int) -> tuple[StepBuffers, DecoderStep]:
+        """On CUDA one set of buffers, kept (its graphs point into it) and grown when a round needs
+        more rows (in powers of two up to `max_batch`) or longer windows; on the CPU buffers of this
+        batch's size, made per round."""
+        if self._graphs:
+            old = self._step.buf if self._step is not None else None
+            if old is None or old.rows < rows or old.audio_ctx < audio_ctx:
+                size = max(rows, min(self.max_batch, 1 << math.ceil(math.log2(rows))), old.rows if old else 0)
+                ctx = max(audio_ctx, old.audio_ctx if old else 0)
+                self._step = None  # drop the old buffers and the graphs that point into them first
+                buf = StepBuffers(self.model, size, ctx, len(self._align), self.dtype, self.device)
+                self._step = DecoderStep(self.model, buf, self._align, use_graphs=True)
+            return self._step.buf, self._step
+        buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
+        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False)
 
     def _capture(self) -> bool:
         return bool(self._align)
@@ -268,25 +342,30 @@ class BatchedWhisper:
     def _accept(self, row: _Row, token: int, position: int, eot: int) -> bool:
         """Append `token` to `row` unless the row ends here: end of text, token budget, or a
         hallucinated repeat (its attention jumps back more than `BACKTRACK` into audio already read)."""
-        if token == eot or len(row.tokens) >= row.max_new or position < row.furthest - BACKTRACK:
+        if self.force_tokens_per_second:
+            if len(row.tokens) >= row.max_new:
+                row.done = True
+                return False
+        elif token == eot or len(row.tokens) >= row.max_new or position < row.furthest - BACKTRACK:
             row.done = True
             return False
         row.tokens.append(token)
         row.furthest = max(row.furthest, position)
         return True
 
-    def _self_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        d = self.dims
-        shape = (batch, d.n_text_head, length, d.n_text_state // d.n_text_head)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(d.n_text_layer)]
-
-    def _cross_kv(self, encoded: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's cross-attention keys/values of the encoded audio, written straight
+        into `buf`'s preallocated rows when given (no second copy of them exists)."""
         heads = self.dims.n_text_head
+        B, T = encoded.shape[:2]
         out = []
-        for block in self.model.decoder.blocks:
+        for layer, block in enumerate(self.model.decoder.blocks):
             attn = block.cross_attn
-            out.append((_heads(attn.key(encoded), heads), _heads(attn.value(encoded), heads)))
+            k, v = _heads(attn.key(encoded), heads), _heads(attn.value(encoded), heads)
+            if buf is not None:
+                k = buf.cross_k[layer][:B, :, :T].copy_(k)
+                v = buf.cross_v[layer][:B, :, :T].copy_(v)
+            out.append((k, v))
         return out
 
     def _cross_mask(self, windows: list[int], encoded: torch.Tensor) -> torch.Tensor:
@@ -346,35 +425,40 @@ class BatchedWhisper:
         return self._suppress[key]
 
     # -- words ----------------------------------------------------------------
-    def _segments(self, row: _Row, weights: torch.Tensor | None) -> list[Segment]:
+    def _segments(self, row: _Row, matrix: np.ndarray | None) -> list[Segment]:
         tok = row.tokenizer
         text = [t for t in row.tokens if t < tok.eot]
         if not text:
             return []
         words, word_tokens = tok.split_to_word_tokens(text + [tok.eot])
         words, word_tokens = words[:-1], word_tokens[:-1]
-        starts, ends = self._word_times(weights, word_tokens, row.frames)
+        starts, ends = _word_times(matrix, word_tokens, row.frames)
         timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
         return _sentences(timed)
 
-    def _word_times(self, weights, word_tokens: list[list[int]], frames: int) -> tuple[list[float], list[float]]:
-        n = sum(len(t) for t in word_tokens)
-        if weights is None or frames < 8 or weights.shape[1] < n + 1:
-            span = frames / TOKENS_PER_SECOND
-            edges = np.linspace(0.0, span, len(word_tokens) + 1)
-            return edges[:-1].tolist(), edges[1:].tolist()
-        w = weights[:, : n + 1].float().softmax(dim=-1)
-        std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
-        w = median_filter((w - mean) / (std + 1e-8), 7)
-        matrix = w.mean(dim=0)
-        text_idx, time_idx = dtw(-matrix.double().cpu())
-        jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
-        jump_times = time_idx[jumps] / TOKENS_PER_SECOND
-        bounds = np.cumsum([0] + [len(t) for t in word_tokens])
-        bounds = np.minimum(bounds, len(jump_times) - 1)
-        starts = jump_times[bounds[:-1]]
-        ends = np.maximum(jump_times[bounds[1:]], starts + 0.02)
-        return starts.tolist(), ends.tolist()
+
+def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames: int) -> tuple[list[float], list[float]]:
+    """Each word's start and end: DTW through the token-by-audio matrix (openai-whisper's `dtw`)."""
+    n = sum(len(t) for t in word_tokens)
+    if matrix is None or frames < 8 or matrix.shape[0] < n + 1:
+        edges = np.linspace(0.0, frames / TOKENS_PER_SECOND, len(word_tokens) + 1)
+        return edges[:-1].tolist(), edges[1:].tolist()
+    text_idx, time_idx = dtw(-torch.from_numpy(matrix[: n + 1]).double())
+    jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_idx[jumps] / TOKENS_PER_SECOND
+    bounds = np.minimum(np.cumsum([0] + [len(t) for t in word_tokens]), len(jump_times) - 1)
+    starts = jump_times[bounds[:-1]]
+    ends = np.maximum(jump_times[bounds[1:]], starts + 0.02)
+    return starts.tolist(), ends.tolist()
+
+
+def _half(model: whisper.model.Whisper) -> whisper.model.Whisper:
+    """fp16 weights, except the layer norms: openai-whisper's LayerNorm runs in fp32 and casts back."""
+    model.half()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    return model
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

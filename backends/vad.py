@@ -137,35 +137,67 @@ class SileroVAD:
             s.context = x[i, -CONTEXT:].copy()
         return probs
 
-    @torch.inference_mode()
     def probabilities(self, state: VadState, audio: np.ndarray) -> np.ndarray:
-        """Feed one stream's audio (any length); one probability per completed window.
+        """Feed one stream's audio (any length); one probability per completed window."""
+        return self.probabilities_batch([state], [audio])[0]
 
-        Samples short of a full window wait in ``state.leftover``.  Only the LSTM cell
-        is recurrent: every window's input (its context is simply the preceding audio) is
-        known up front, so the convolutional encoder and the decoder run batched over
-        time and the Python loop does one small LSTMCell call per window.
+    @torch.inference_mode()
+    def probabilities_batch(self, states: list[VadState], audios: list[np.ndarray]) -> list[np.ndarray]:
+        """Feed each stream its audio (any lengths) in one pass; per stream, one probability per
+        completed window.
+
+        Samples short of a full window wait in ``state.leftover``. Only the LSTM cell is
+        recurrent: every window's input (its context is simply the preceding audio) is known
+        up front, so the convolutional encoder and the decoder run once over all windows of
+        all streams, and the loop does one batched LSTMCell call per window position, over
+        the streams that have a window there.
         """
-        buf = np.concatenate([state.leftover, np.asarray(audio, np.float32).reshape(-1)])
-        n = len(buf) // WINDOW
-        if n == 0:
-            state.leftover = buf
-            return np.zeros(0, np.float32)
-        used = n * WINDOW
-        seq = np.concatenate([state.context, buf[:used]])  # CONTEXT + n*WINDOW samples
-        frames = np.lib.stride_tricks.sliding_window_view(seq, CONTEXT + WINDOW)[::WINDOW]
-        feats = self.net.encode(torch.from_numpy(np.array(frames, dtype=np.float32)).to(self.device))
-        h, c = self._hc([state])
-        cell = self.net.lstm_cell
-        outs = []
-        for t in range(n):
-            h, c = cell(feats[t : t + 1], (h, c))
-            outs.append(h)
-        probs = self.net.decode(torch.cat(outs)).float().cpu().numpy()
-        state.h, state.c = h, c
-        state.context = seq[-CONTEXT:].copy()
-        state.leftover = buf[used:].copy()
-        return probs
+        bufs = [np.concatenate([s.leftover, np.asarray(a, np.float32).reshape(-1)]) for s, a in zip(states, audios)]
+        counts = [len(b) // WINDOW for b in bufs]
+        seqs, frames = [], []
+        for s, b, n in zip(states, bufs, counts):
+            seq = np.concatenate([s.context, b[: n * WINDOW]])  # CONTEXT + n*WINDOW samples
+            seqs.append(seq)
+            if n:
+                frames.append(np.lib.stride_tricks.sliding_window_view(seq, CONTEXT + WINDOW)[::WINDOW])
+        total = sum(counts)
+        if total:
+            feats = self.net.encode(torch.from_numpy(np.concatenate(frames).astype(np.float32)).to(self.device))
+            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            h, c = self._hc(states)
+            h, c = h.clone(), c.clone()
+            outs = torch.empty(total, h.shape[1], device=self.device, dtype=h.dtype)
+            for t in range(max(counts)):
+                rows = [i for i, n in enumerate(counts) if n > t]
+                if len(rows) == len(states):
+                    idx = torch.from_numpy(offsets + t).to(self.device)
+                    h, c = self.net.lstm_cell(feats[idx], (h, c))
+                    outs[idx] = h
+                else:
+                    r = torch.tensor(rows, device=self.device)
+                    idx = torch.from_numpy(offsets[rows] + t).to(self.device)
+                    hr, cr = self.net.lstm_cell(feats[idx], (h[r], c[r]))
+                    h, c = h.index_copy(0, r, hr), c.index_copy(0, r, cr)
+                    outs[idx] = hr
+            probs = self.net.decode(outs).float().cpu().numpy().reshape(-1)
+        result = []
+        start = 0
+        for i, (s, b, n, seq) in enumerate(zip(states, bufs, counts, seqs)):
+            if n:
+                s.h, s.c = h[i : i + 1], c[i : i + 1]
+                s.context = seq[-CONTEXT:].copy()
+            s.leftover = b[n * WINDOW:].copy()
+            result.append(probs[start:start + n] if n else np.zeros(0, np.float32))
+            start += n
+        return result
+
+
+@dataclass(frozen=True)
+class VadJob:
+    """A session's request for its new audio's speech probabilities (the scheduler batches these)."""
+
+    state: VadState
+    audio: np.ndarray
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,13 @@ from bench.metrics import percentile, wer  # noqa: E402
 
 
 def load_pcm16k(path: str) -> bytes:
-    """Any audio file → 16 kHz mono s16le bytes (through ffmpeg)."""
+    """Any audio file → 16 kHz mono s16le bytes (a WAV already in that form is read directly, else ffmpeg)."""
+    try:
+        with wave.open(path) as w:
+            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2):
+                return w.readframes(w.getnframes())
+    except (wave.Error, EOFError):
+        pass
     out = subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-f", "s16le", "-ac", "1", "-ar", "16000", "-"],
         check=True, capture_output=True,

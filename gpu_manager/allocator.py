@@ -98,6 +98,12 @@ class Allocator:
     def limit(self, device_id: int) -> int:
         return self._limits[device_id]
 
+    def set_limit(self, device_id: int, limit: int) -> None:
+        """Change one device's limit (`--max-connections-per-gpu auto`, once its models are measured).
+        Connections already admitted stay; a lower limit only stops new ones."""
+        with self._lock:
+            self._limits[device_id] = max(1, int(limit))
+
     def active(self, device_id: int) -> int:
         with self._lock:
             return len(self._active[device_id])

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import av
-import av.error
 import numpy as np
+
+try:  # a dependency of the package; optional only where nothing but PCM is decoded
+    import av
+    import av.error
+except ImportError:  # pragma: no cover - exercised on the bare GPU bench machine
+    av = None
 
 from .containers import AudioDecodeError, Demuxer, OggDemuxer, Packet, WebmDemuxer, _MAGIC
 
@@ -64,6 +68,8 @@ class ContainerDecoder:
     def __init__(self, fmt: str, demuxer: Demuxer) -> None:
         self.format = fmt
         self._demux = demuxer
+        if av is None:
+            raise AudioDecodeError(f"{fmt} needs PyAV, which is not installed")
         self._ctx: av.AudioCodecContext | None = None
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._skip = 0  # codec-rate samples still to drop at the start (pre-skip)

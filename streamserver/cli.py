@@ -53,7 +53,7 @@ FLAGS: list[tuple[str, object, str]] = [
     ("diarization_backend", str, "sortformer or embedding"),
     ("sortformer_model", str, "a .nemo file or NeMo model name"),
     ("sortformer_latency", str, "streaming preset"),
-    ("max_connections_per_gpu", _max_conn, "connections per device (a number)"),
+    ("max_connections_per_gpu", _max_conn, "connections per device: a number, or auto (from the measured memory per stream)"),
     ("gpu_memory_fraction", float, "share of each GPU's memory the server may plan to use"),
     ("gpus", _csv_ints, "comma-separated device ids to use"),
     ("simulate_gpus", str, "NxG: N simulated devices of G GB each, models on the CPU"),
@@ -67,6 +67,8 @@ FLAGS: list[tuple[str, object, str]] = [
     ("ssl_keyfile", str, "key for --ssl-certfile"),
     ("log_level", str, "logging level"),
     ("cache_dir", str, "where converted model checkpoints are cached"),
+    ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
+    ("bucket_seconds", float, "encoder windows grow in steps of this many seconds (0: always 30 s)"),
 ]
 
 

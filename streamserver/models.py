@@ -77,7 +77,8 @@ def make_loader(config: ServerConfig) -> ModelLoader:
 
     def load(device: Device) -> DeviceModels:
         whisper_model = load_whisper(config.model, device.torch_device, cache_dir=config.cache_dir)
-        asr = BatchedWhisper(whisper_model, config.effective_language, config.model_label, config.bucket_seconds)
+        asr = BatchedWhisper(whisper_model, config.effective_language, config.model_label, config.bucket_seconds,
+                             max_batch=config.max_batch)
         asr.warm_up()
         vad = SileroVAD(device.torch_device)
         diarizer, diarizer_name, diarizer_bytes = _load_diarizer(backend, config, device)
@@ -87,7 +88,7 @@ def make_loader(config: ServerConfig) -> ModelLoader:
             diarizer=diarizer,
             names=[f"whisper:{config.model_label}", "vad:silero"] + ([diarizer_name] if diarizer_name else []),
             model_bytes=_param_bytes(whisper_model) + _param_bytes(vad.net) + diarizer_bytes,
-            stream_bytes=asr.stream_bytes(),
+            stream_bytes=asr.measure_stream_bytes(),
         )
 
     return load

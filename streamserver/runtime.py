@@ -66,6 +66,7 @@ class DeviceRuntime:
         self._loading: asyncio.Future | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self.scheduler = DeviceScheduler(self, max_batch)
+        self.on_loaded: Callable[[DeviceModels], None] | None = None  # e.g. derive the auto connection limit
 
     # -- inference ------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -141,6 +142,8 @@ class DeviceRuntime:
             self._loading = None
         self.models = models
         self.loads += 1
+        if self.on_loaded is not None:
+            self.on_loaded(models)
         seconds = time.perf_counter() - t0
         if self.account:
             self.account.set_model_bytes(self.device.id, models.model_bytes)

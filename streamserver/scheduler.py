@@ -4,9 +4,10 @@ A connection hands in one session step at a time (`submit`) and waits for its
 caption state. A round takes every step waiting at its start, runs them all on
 the device's worker thread, and answers their Whisper calls together:
 
-    start each step (its VAD and policy run up to their first Whisper call)
-    → answer all calls of that wave with batched `transcribe_batch` calls
-    → send each step its segments; repeat until every step has returned.
+    start each step; it runs until it needs a model and yields the job
+    → answer all jobs of that wave by kind in batches (`VadJob`s in one
+      `probabilities_batch`, `TranscribeJob`s in `transcribe_batch` calls)
+    → send each step its answer; repeat until every step has returned.
 
 Each connection has at most one step in flight, so every round serves every
 waiting connection once: no stream starves, and when the device falls behind
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.asr_types import Segment, Steps, TranscribeJob
+from backends.vad import VadJob
 
 from .errors import is_out_of_memory
 
@@ -45,7 +47,7 @@ class _Request:
 class _Progress:
     """Where one step of the round stands: asking (`job`), done (`value`) or failed (`error`)."""
 
-    job: TranscribeJob | None = None
+    job: TranscribeJob | VadJob | None = None
     value: Any = None
     error: BaseException | None = None
 
@@ -61,9 +63,10 @@ class DeviceScheduler:
 
     async def submit(self, steps: Steps) -> Any:
         """Run a session's `step()`/`finish()` generator in the next round; its return value."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting.append(_Request(steps, future, time.perf_counter()))
-        self._start_round()
+        loop.call_soon(self._start_round)  # steps submitted in the same tick share the round
         return await future
 
     @property
@@ -77,7 +80,7 @@ class DeviceScheduler:
         requests, self._waiting = self._waiting, []
         self._running = True
         models = self.runtime.models
-        task = asyncio.ensure_future(self.runtime.run(self._round, models.asr if models else None, requests))
+        task = asyncio.ensure_future(self.runtime.run(self._round, models, requests))
         task.add_done_callback(lambda t: self._round_done(t, requests))
 
     def _round_done(self, task: asyncio.Future, requests: list[_Request]) -> None:
@@ -97,21 +100,21 @@ class DeviceScheduler:
         self._start_round()
 
     # -- worker thread side ---------------------------------------------
-    def _round(self, asr: Any, requests: list[_Request]) -> list[_Progress]:
+    def _round(self, models: Any, requests: list[_Request]) -> list[_Progress]:
         started = time.perf_counter()
         self.rounds += 1
         self.last_round_size = len(requests)
         metrics, gpu_id = self.runtime.metrics, self.runtime.device.id
-        if metrics is not None:
-            wait = max(started - r.submitted for r in requests)
-            metrics.observe_batch(gpu_id, "vad", len(requests), wait)
         progress = [_advance(r.steps, None, first=True) for r in requests]
         while True:
             asking = [i for i, p in enumerate(progress) if p.job is not None]
             if not asking:
                 break
-            answers = self._transcribe(asr, [progress[i].job for i in asking], started)
-            for i, answer in zip(asking, answers):
+            vad = [i for i in asking if isinstance(progress[i].job, VadJob)]
+            asr = [i for i in asking if not isinstance(progress[i].job, VadJob)]
+            answers = dict(zip(vad, self._vad(models, [progress[i].job for i in vad], started)))
+            answers.update(zip(asr, self._transcribe(models.asr, [progress[i].job for i in asr], started)))
+            for i, answer in answers.items():
                 if isinstance(answer, BaseException):
                     requests[i].steps.close()
                     progress[i] = _Progress(error=answer)
@@ -121,8 +124,24 @@ class DeviceScheduler:
             metrics.observe_compute(gpu_id, time.perf_counter() - started)
         return progress
 
+    def _vad(self, models: Any, jobs: list[VadJob], started: float) -> list[Any]:
+        """Every stream's new audio through the VAD at once."""
+        if not jobs:
+            return []
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.observe_batch(self.runtime.device.id, "vad", len(jobs), time.perf_counter() - started)
+        try:
+            batch = getattr(models.vad, "probabilities_batch", None)
+            if batch is not None:
+                return list(batch([j.state for j in jobs], [j.audio for j in jobs]))
+            return [models.vad.probabilities(j.state, j.audio) for j in jobs]
+        except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
+            return [exc] * len(jobs)
+
     def _transcribe(self, asr: Any, jobs: list[TranscribeJob], started: float) -> list[list[Segment] | BaseException]:
         out: list[list[Segment] | BaseException] = []
+        if not jobs:
+            return out
         for k in range(0, len(jobs), self.max_batch):
             out += self._batch(asr, jobs[k:k + self.max_batch], started)
         return out

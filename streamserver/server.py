@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from gpu_manager import Allocator, Inventory, MemoryMonitor, discover
-from gpu_manager.device import MemoryFigures
+from gpu_manager.device import Device, MemoryFigures
 from gpu_manager.nvml import Nvml
 
 from .config import ServerConfig
@@ -39,14 +40,20 @@ class Server:
         inventory = discover(config.simulate_gpus, list(config.gpus) if config.gpus else None, nvml_factory)
         memory = MemoryMonitor(inventory.nvml)
         limit = config.max_connections_per_gpu
-        if not isinstance(limit, int):
-            raise ValueError("--max-connections-per-gpu auto is not supported yet; give a number")
-        allocator = Allocator(inventory.devices, limit, memory)
+        auto = limit == "auto"
+        if not auto and not isinstance(limit, int):
+            raise ValueError(f"--max-connections-per-gpu must be a number or auto, not {limit!r}")
+        # With auto, a device admits AUTO_START connections until its models have loaded and the
+        # memory one stream needs has been measured; then its limit is derived from that figure.
+        allocator = Allocator(inventory.devices, AUTO_START if auto else limit, memory)
         metrics = Metrics(allocator, memory)
         runtimes = {
             d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account, metrics, config.max_batch)
             for d in inventory.devices
         }
+        if auto:
+            for d in inventory.devices:
+                runtimes[d.id].on_loaded = partial(_derive_limit, allocator, memory, d, config.gpu_memory_fraction)
         for d in inventory.devices:
             log.info("Device %d: %s (%s, %.2f GB)", d.id, d.name, d.label, d.total_bytes / 2**30)
         return cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
@@ -88,3 +95,20 @@ class Server:
     def shutdown(self) -> None:
         for runtime in self.runtimes.values():
             runtime.shutdown()
+
+
+AUTO_START = 4
+
+
+def auto_limit(total_bytes: int, used_bytes: int, stream_bytes: int, fraction: float) -> int:
+    """Connections that fit in `fraction` of the device beside what is already used (the weights)."""
+    room = total_bytes * fraction - used_bytes
+    return max(1, int(room // max(stream_bytes, 1)))
+
+
+def _derive_limit(allocator: Allocator, memory: MemoryMonitor, device: Device, fraction: float, models) -> None:
+    used = memory.figures(device).used_bytes if device.kind == "cuda" else models.model_bytes
+    limit = auto_limit(device.total_bytes, used, models.stream_bytes, fraction)
+    allocator.set_limit(device.id, limit)
+    log.info("GPU %d: %d connections fit in %.0f%% of %.2f GB at %.1f MB per stream (measured)",
+             device.id, limit, fraction * 100, device.total_bytes / 2**30, models.stream_bytes / 2**20)

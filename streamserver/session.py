@@ -2,11 +2,12 @@
 
 A `Session` is a plain object owned by its connection. The event loop puts
 decoded audio in its `AudioInbox`; the device scheduler drives `step()` and
-`finish()` on its worker thread. Both are generators: they run the VAD, yield
-each Whisper call they need as a `TranscribeJob` (the scheduler batches the jobs
-of all sessions and sends back the segments), then apply the streaming policy
-and attribution and return the caption state to send. Nothing here touches the
-socket.
+`finish()` on its worker thread. Both are generators: they yield each model call
+they need, a `VadJob` for the new audio's speech probabilities and a
+`TranscribeJob` for each Whisper call (the scheduler batches the jobs of all
+sessions and sends back the answers), then apply the streaming policy and
+attribution and return the caption state to send. `answer_directly` answers a
+single session's jobs without a scheduler. Nothing here touches the socket.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends.asr_types import Steps, join_words
-from backends.vad import WINDOW, SileroVAD, SpeechSegmenter
+from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
 from .attribution import SpeakerAttribution
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
@@ -57,6 +58,17 @@ class AudioInbox:
     @property
     def received_seconds(self) -> float:
         return self.received_samples / SAMPLE_RATE
+
+
+def answer_directly(models):
+    """Answer one session's jobs one at a time with the device's models (benchmarks, tools)."""
+
+    def answer(job):
+        if isinstance(job, VadJob):
+            return models.vad.probabilities(job.state, job.audio)
+        return models.asr.transcribe_batch([job])[0]
+
+    return answer
 
 
 class Session:
@@ -134,7 +146,7 @@ class Session:
         if not audio.size:
             return
         self._recent = np.concatenate([self._recent, audio])
-        probs = self.vad.probabilities(self.vad_state, audio)
+        probs = yield VadJob(self.vad_state, audio)
         if self.diarizer is not None and len(probs):
             a = self._vad_samples - self._recent_start
             windows = self._recent[a:a + len(probs) * WINDOW]

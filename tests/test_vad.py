@@ -172,3 +172,20 @@ def test_module_does_not_import_silero_package() -> None:
             "assert 'silero_vad' not in sys.modules, 'silero_vad imported'; "
             "assert torch.get_num_threads() == 2, torch.get_num_threads()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_batch_of_streams_gets_what_each_gets_alone():
+    """probabilities_batch over streams fed different amounts equals feeding each stream by itself."""
+    from backends.vad import SileroVAD
+
+    vad = SileroVAD()
+    rng = np.random.default_rng(3)
+    audios = [[(0.1 * rng.standard_normal(n)).astype(np.float32) for n in sizes]
+              for sizes in ([700, 5000, 33], [5000, 0, 1600], [100, 100, 9000])]
+    alone_states = [vad.new_state() for _ in audios]
+    batch_states = [vad.new_state() for _ in audios]
+    for k in range(3):
+        alone = [vad.probabilities(s, a[k]) for s, a in zip(alone_states, audios)]
+        together = vad.probabilities_batch(batch_states, [a[k] for a in audios])
+        for x, y in zip(alone, together):
+            np.testing.assert_allclose(x, y, atol=1e-5)

@@ -1,0 +1,166 @@
+"""One greedy decoder step for a batch of streams, over preallocated buffers, eager or as a CUDA graph.
+
+A decoder step for one new token is tiny arithmetic wrapped in ~200 kernel
+launches; at small batch the launches are the cost. So the step reads and
+writes only fixed buffers (`StepBuffers`): the self-attention cache is written
+at a slot held in a device tensor, the attention masks are derived from that
+slot on the device, and the step feeds itself (its chosen token becomes the
+next step's input, position and slot advance by one). With fixed shapes and no
+host values the step can be captured once per batch size as a CUDA graph and
+replayed for every token of every round; on the CPU it simply runs.
+
+The engine (`BatchedWhisper`) fills the buffers for a round (prefill writes the
+prompt's keys/values into the cache, the encoder's cross keys/values are copied
+in), then calls `step()` until every row is done, reading back two small
+vectors per step: each row's next token and the audio position it attended to.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+import whisper
+
+log = logging.getLogger("backends.decoder_step")
+
+
+class StepBuffers:
+    """Everything one decoding round keeps on the device, for up to `rows` streams."""
+
+    def __init__(self, model: whisper.model.Whisper, rows: int, audio_ctx: int, n_align: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        d = model.dims
+        heads, dh, S = d.n_text_head, d.n_text_state // d.n_text_head, d.n_text_ctx
+        self.rows, self.text_ctx, self.audio_ctx = rows, S, audio_ctx
+
+        def zeros(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        self.self_k = [zeros(rows, heads, S, dh) for _ in range(d.n_text_layer)]
+        self.self_v = [zeros(rows, heads, S, dh) for _ in range(d.n_text_layer)]
+        self.cross_k = [zeros(rows, heads, audio_ctx, dh) for _ in range(d.n_text_layer)]
+        self.cross_v = [zeros(rows, heads, audio_ctx, dh) for _ in range(d.n_text_layer)]
+        self.key_ok = zeros(rows, S, dt=torch.bool)  # self-attention keys a row may see (not its left padding)
+        self.cross_ok = zeros(rows, 1, 1, audio_ctx, dt=torch.bool)  # its window's audio positions
+        self.audio_ok = zeros(rows, 1, audio_ctx, dt=torch.bool)  # positions holding its audio (for timing)
+        self.token = zeros(rows, 1, dt=torch.long)
+        self.pos = zeros(rows, 1, dt=torch.long)
+        self.slot = zeros(1, dt=torch.long)
+        self.suppress = zeros(d.n_vocab, dt=torch.float32)  # 0 or -inf, added to the logits
+        self.next = zeros(rows, dt=torch.long)
+        self.heard = zeros(rows, dt=torch.long)
+        self.attn = zeros(rows, max(n_align, 1), 1, audio_ctx, dt=torch.float32)
+        self.slots = torch.arange(S, device=device)
+
+    def nbytes(self) -> int:
+        tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.attn]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DecoderStep:
+    """Runs the decoder step on `StepBuffers` for the first `n` rows; on CUDA, one graph per `n`."""
+
+    def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
+                 use_graphs: bool) -> None:
+        self.model, self.buf, self.align = model, buffers, align
+        device = buffers.token.device
+        self.align_heads = {  # per layer: which heads to record, as a device index (graph capture copies nothing)
+            layer: torch.tensor([h for lyr, h in align if lyr == layer], device=device)
+            for layer in sorted({layer for layer, _ in align})
+        }
+        self.use_graphs = use_graphs
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    def step(self, n: int, t: int) -> None:
+        """Advance rows [0, n) by one token, attending to `t` audio positions (results in
+        buf.next / buf.heard / buf.attn)."""
+        self.prepare(n, t)
+        if self.use_graphs:
+            self.graphs[n, t].replay()
+        else:
+            self._body(n, t)
+
+    def prepare(self, n: int, t: int) -> None:
+        """Capture the graph for (`n` rows, `t` audio positions) if needed. Call before the buffers
+        are filled for a round (warm-up scribbles on them). A failed capture falls back to eager steps."""
+        if self.use_graphs and (n, t) not in self.graphs:
+            try:
+                self.graphs[n, t] = self._capture(n, t)
+            except RuntimeError as exc:
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
+                self.use_graphs = False
+
+    def batch_size(self, rows: int) -> int:
+        """The batch a round of `rows` streams runs at: a power of two (so few graphs are captured)."""
+        if not self.use_graphs:
+            return rows
+        return min(self.buf.rows, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+
+    # -- internals --------------------------------------------------------
+    def _capture(self, n: int, t: int) -> torch.cuda.CUDAGraph:
+        """Warm the step up on a side stream, then record it. Warm-up scribbles on the buffers, so
+        the engine captures before it fills them for a round."""
+        saved = (self.buf.token.clone(), self.buf.pos.clone(), self.buf.slot.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(n, t)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._body(n, t)
+        self._pool = graph.pool()
+        for t, v in zip((self.buf.token, self.buf.pos, self.buf.slot), saved):
+            t.copy_(v)
+        return graph
+
+    def _body(self, n: int, t: int) -> None:
+        b, dec = self.buf, self.model.decoder
+        heads = self.model.dims.n_text_head
+        pos = b.pos[:n].clamp(max=b.text_ctx - 1)
+        x = (dec.token_embedding(b.token[:n]) + dec.positional_embedding[pos]).to(b.self_k[0].dtype)
+        visible = (b.key_ok[:n] & (b.slots[None, :] <= b.slot))[:, None, None, :]
+        captured = []
+        for layer, block in enumerate(dec.blocks):
+            h = block.attn_ln(x)
+            q = _heads(block.attn.query(h), heads)
+            b.self_k[layer][:n].index_copy_(2, b.slot, _heads(block.attn.key(h), heads))
+            b.self_v[layer][:n].index_copy_(2, b.slot, _heads(block.attn.value(h), heads))
+            a = F.scaled_dot_product_attention(q, b.self_k[layer][:n], b.self_v[layer][:n], attn_mask=visible)
+            x = x + block.attn.out(_merge(a))
+            h = block.cross_attn_ln(x)
+            q = _heads(block.cross_attn.query(h), heads)
+            kx, vx = b.cross_k[layer][:n, :, :t], b.cross_v[layer][:n, :, :t]
+            a = F.scaled_dot_product_attention(q, kx, vx, attn_mask=b.cross_ok[:n, :, :, :t])
+            sel = self.align_heads.get(layer)
+            if sel is not None:
+                qs, ks = q.index_select(1, sel), kx.index_select(1, sel)
+                captured.append((qs @ ks.transpose(-1, -2)).float() * q.shape[-1] ** -0.5)
+            x = x + block.cross_attn.out(_merge(a))
+            x = x + block.mlp(block.mlp_ln(x))
+        x = dec.ln(x)
+        logits = (x[:, -1] @ dec.token_embedding.weight.to(x.dtype).T).float() + b.suppress
+        nxt = logits.argmax(-1)
+        if captured:
+            attn = torch.cat(captured, dim=1)
+            b.attn[:n, :, :, :t].copy_(attn)
+            w = attn[:, :, -1].masked_fill(~b.audio_ok[:n, :, :t], -math.inf).softmax(-1)
+            b.heard[:n].copy_(w.mean(1).argmax(-1))
+        b.next[:n].copy_(nxt)
+        b.token[:n, 0].copy_(nxt)
+        b.pos[:n] += 1
+        b.slot += 1
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    bsz, n, d = x.shape
+    return x.view(bsz, n, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    bsz, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(bsz, n, h * d)

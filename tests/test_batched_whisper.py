@@ -1,0 +1,67 @@
+"""The batched Whisper engine: one stream or many in a batch, the same words; real tiny.en weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from whisper.model import Whisper
+
+from backends.asr_types import TranscribeJob
+from backends.batched_whisper import BatchedWhisper
+from bench.metrics import wer
+from tests.random_whisper import dims_for
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_en_checkpoint):
+    from backends.whisper_loader import load_whisper
+
+    return BatchedWhisper(load_whisper(str(tiny_en_checkpoint)), "en")
+
+
+def _text(segments) -> str:
+    return "".join(w.text for s in segments for w in s.words).strip()
+
+
+def test_batched_and_one_at_a_time_decoding_give_the_same_transcript(engine, speech_audio):
+    sr = 16000
+    jobs = [
+        TranscribeJob(speech_audio),
+        TranscribeJob(speech_audio[: int(3.5 * sr)]),
+        TranscribeJob(speech_audio[int(2.0 * sr):], prompt="Hello everyone, and welcome"),
+        TranscribeJob(np.zeros(sr // 2, np.float32)),
+        TranscribeJob(np.zeros(0, np.float32)),
+    ]
+    together = engine.transcribe_batch(jobs)
+    alone = [engine.transcribe_batch([job])[0] for job in jobs]
+    assert [_text(s) for s in together] == [_text(s) for s in alone]
+    assert [[(w.start, w.end) for s in segs for w in s.words] for segs in together] == \
+           [[(w.start, w.end) for s in segs for w in s.words] for segs in alone]
+    assert together[4] == []
+
+
+def test_words_are_right_and_their_times_ordered_inside_the_audio(engine, speech_audio, speech_text):
+    segments = engine.transcribe(speech_audio)
+    assert wer(speech_text, _text(segments)) <= 0.1
+    words = [w for s in segments for w in s.words]
+    assert all(0.0 <= w.start <= w.end <= len(speech_audio) / 16000 + 0.5 for w in words)
+    assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+    assert segments[0].words[0].text.strip().lower().startswith("hello")
+
+
+def test_full_30s_windows_decode_the_same_words(tiny_en_checkpoint, speech_audio, speech_text):
+    """Encoding only the buffered audio (5-s buckets) keeps the words of openai-whisper's 30-s windows."""
+    from backends.whisper_loader import load_whisper
+
+    full = BatchedWhisper(load_whisper(str(tiny_en_checkpoint)), "en", bucket_seconds=0)
+    assert wer(speech_text, _text(full.transcribe(speech_audio))) <= 0.1
+
+
+def test_fp16_weights_run_with_float32_layer_norms():
+    torch.manual_seed(0)
+    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en", fp16=True)
+    engine.force_tokens_per_second = 3.0
+    engine.max_tokens_per_second = 3.0
+    out = engine.transcribe_batch([TranscribeJob(np.random.default_rng(0).standard_normal(16000).astype(np.float32))])
+    assert next(engine.model.parameters()).dtype == torch.float16
+    assert len([w for s in out[0] for w in s.words]) >= 1

@@ -1,0 +1,155 @@
+"""The per-device scheduler: rounds that batch every waiting stream, isolate failures, and stay fair."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import torch
+
+from backends.asr_types import Segment, TranscribeJob, Word
+from gpu_manager import discover
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from streamserver.runtime import DeviceRuntime
+from streamserver.server import auto_limit
+from tests.fakes import EchoASR, fake_loader, tone
+from tests.live import drain_until_closed, open_asr, recv_json, serve_app
+
+DEVICE = discover(simulate="1x16").devices[0]
+
+
+class RecordingASR(EchoASR):
+    """Records each batch it is given; optionally runs out of memory above `fits` streams."""
+
+    def __init__(self, fits: int | None = None, seconds: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.fits = fits
+        self.seconds = seconds
+
+    def transcribe_batch(self, jobs):
+        self.batches.append(len(jobs))
+        if self.seconds:
+            time.sleep(self.seconds)  # a busy device: rounds take this long whatever their size
+        if self.fits is not None and len(jobs) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().transcribe_batch(jobs)
+
+
+def _runtime(asr) -> DeviceRuntime:
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    return DeviceRuntime(DEVICE, loader, idle_unload_seconds=0)
+
+
+def _steps(seconds: float, fail: bool = False):
+    segments = yield TranscribeJob(np.zeros(int(seconds * 16000), np.float32))
+    if fail:
+        raise ValueError("this session broke")
+    return [w.text for s in segments for w in s.words]
+
+
+def _serve(runtime, generators):
+    async def main():
+        await runtime.acquire()
+        results = await asyncio.gather(*(runtime.scheduler.submit(g) for g in generators), return_exceptions=True)
+        runtime.shutdown()
+        return results
+
+    return asyncio.run(main())
+
+
+def test_streams_waiting_together_are_answered_in_one_batch():
+    asr = RecordingASR()
+    results = _serve(_runtime(asr), [_steps(s) for s in (1, 2, 3, 4, 5, 6)])
+    assert asr.batches == [6]
+    assert results == [[f" w{i}" for i in range(n)] for n in (1, 2, 3, 4, 5, 6)]
+
+
+def test_one_sessions_failure_is_its_own():
+    results = _serve(_runtime(RecordingASR()), [_steps(2), _steps(2, fail=True), _steps(3)])
+    assert results[0] == [" w0", " w1"] and results[2] == [" w0", " w1", " w2"]
+    assert isinstance(results[1], ValueError)
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits():
+    asr = RecordingASR(fits=2)
+    results = _serve(_runtime(asr), [_steps(1) for _ in range(8)])
+    assert results == [[" w0"]] * 8
+    assert asr.batches[0] == 8 and max(asr.batches[1:]) <= 4 and sum(b for b in asr.batches if b <= 2) == 8
+
+
+def test_a_stream_that_cannot_run_even_alone_gets_the_error_and_others_their_answers():
+    class PickyASR(EchoASR):
+        def transcribe_batch(self, jobs):
+            if any(len(j.audio) > 3 * 16000 for j in jobs):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return super().transcribe_batch(jobs)
+
+    results = _serve(_runtime(PickyASR()), [_steps(1), _steps(5), _steps(2)])
+    assert results[0] == [" w0"] and results[2] == [" w0", " w1"]
+    assert isinstance(results[1], torch.cuda.OutOfMemoryError)
+
+
+def test_with_many_streams_on_a_busy_device_every_stream_keeps_up_alike():
+    """Eight live streams on a device whose every round takes 0.3 s: they share rounds (batches
+    above one), get their words, and none is served much less often than the others."""
+    asr = RecordingASR(seconds=0.3)
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu=8, pcm_input=True), loader)
+    results: dict[int, tuple[int, str]] = {}
+
+    def stream(k: int) -> None:
+        ws = open_asr(base)
+        recv_json(ws)
+        audio = tone(4.0)
+        for off in range(0, len(audio), 3200):  # 100 ms at real-time pace
+            ws.send(audio[off:off + 3200])
+            time.sleep(0.1)
+        ws.send(b"")
+        messages = drain_until_closed(ws, timeout=60)
+        updates = [m for m in messages if "lines" in m]
+        results[k] = (len(updates), " ".join(line["text"] for line in updates[-1]["lines"]))
+
+    with serve_app(app) as base:
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert len(results) == 8
+    assert {text for _, text in results.values()} == {"w0 w1 w2 w3"}
+    counts = [n for n, _ in results.values()]
+    assert min(counts) * 2 >= max(counts), counts
+    assert max(asr.batches) > 1
+
+
+def test_auto_limit_fits_streams_in_the_memory_budget():
+    gib = 2**30
+    assert auto_limit(80 * gib, 2 * gib, 64 * 2**20, 0.9) == int((72 - 2) * 1024 / 64)
+    assert auto_limit(16 * gib, 15 * gib, 2**30, 0.9) == 1  # never below one
+
+
+def test_auto_limit_is_set_from_the_measured_stream_memory_once_models_load():
+    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu="auto", pcm_input=True),
+                     fake_loader)
+    server = app.state.server
+    assert server.allocator.limit(0) == 4  # until the device has measured a stream
+    with serve_app(app) as base:
+        ws = open_asr(base)
+        recv_json(ws)
+        ws.send(tone(1.0))
+        ws.send(b"")
+        drain_until_closed(ws)
+    # fake_loader: 100 MB of weights, 1 MB per stream, 16 GB simulated at 90 %
+    assert server.allocator.limit(0) == int((16 * 2**30 * 0.9 - 100 * 2**20) // 2**20)
+    assert server.gpu_status()["max_connections_per_gpu"] == "auto"
