@@ -36,6 +36,7 @@ from .decoder_step import DecoderStep, StepBuffers
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
 SENTENCE_END = (".", "?", "!")
+CLAUSE_END = SENTENCE_END + (",", ";", ":")
 BACKTRACK = 2 * TOKENS_PER_SECOND  # a token attending this far behind the text so far is a repeat
 ENCODE_BATCH = 32  # windows per encoder call: enough to fill a GPU, and the activations stay bounded
 MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio (Whisper ends text on silence)
@@ -72,6 +73,7 @@ class BatchedWhisper:
         fp16: bool | None = None,
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
+        encoder_bf16: bool | None = None,
     ) -> None:
         self.fp16 = model.device.type == "cuda" if fp16 is None else fp16
         self.model = _half(model) if self.fp16 else model
@@ -83,6 +85,12 @@ class BatchedWhisper:
         dims = model.dims
         self.dims = dims
         self.dtype = torch.float16 if self.fp16 else torch.float32
+        # On a CPU with bf16 matrix units the encoder runs in bfloat16 (about twice as fast, the same
+        # words on our tests); the decoder stays in float32, where small bf16 products are no faster.
+        self.encoder_dtype = self.dtype
+        if encoder_bf16 if encoder_bf16 is not None else (not self.fp16 and _cpu_has_bf16(self.device)):
+            _to_dtype(self.model.encoder, torch.bfloat16)
+            self.encoder_dtype = torch.bfloat16
         self._filters = mel_filters(model.device, dims.n_mels)
         self._window = torch.hann_window(N_FFT, device=model.device)
         heads = model.alignment_heads.to_dense() if model.alignment_heads.is_sparse else model.alignment_heads
@@ -188,12 +196,12 @@ class BatchedWhisper:
 
     def _encoder(self, mel: torch.Tensor) -> torch.Tensor:
         enc = self.model.encoder
-        x = F.gelu(enc.conv1(mel.to(self.dtype)))
+        x = F.gelu(enc.conv1(mel.to(self.encoder_dtype)))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        x = (x + enc.positional_embedding[: x.shape[1]]).to(self.dtype)
+        x = (x + enc.positional_embedding[: x.shape[1]]).to(self.encoder_dtype)
         for block in enc.blocks:
             x = block(x)
-        return enc.ln_post(x)
+        return enc.ln_post(x).to(self.dtype)
 
     # -- decoding -----------------------------------------------------------
     def _tokenizer(self, language: str | None) -> Tokenizer:
@@ -454,11 +462,24 @@ def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames:
 
 def _half(model: whisper.model.Whisper) -> whisper.model.Whisper:
     """fp16 weights, except the layer norms: openai-whisper's LayerNorm runs in fp32 and casts back."""
-    model.half()
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.float()
-    return model
+    return _to_dtype(model, torch.float16)
+
+
+def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(dtype)
+    for m in module.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+    return module
+
+
+def _cpu_has_bf16(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -484,11 +505,12 @@ def _merge_punctuation(words: list[Word]) -> list[Word]:
 
 
 def _sentences(words: list[Word]) -> list[Segment]:
-    """Without timestamp tokens, a segment is a sentence: it ends at a word ending in . ? or !"""
+    """Without timestamp tokens, a segment is a clause: it ends at a word ending in . ? ! , ; or :
+    (the places where a streaming policy may cut its audio buffer)."""
     segments, current = [], []
     for w in words:
         current.append(w)
-        if w.text.rstrip().endswith(SENTENCE_END):
+        if w.text.rstrip().endswith(CLAUSE_END):
             segments.append(Segment(current[0].start, current[-1].end, tuple(current)))
             current = []
     if current:

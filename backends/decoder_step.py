@@ -65,11 +65,9 @@ class DecoderStep:
     def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
                  use_graphs: bool) -> None:
         self.model, self.buf, self.align = model, buffers, align
-        device = buffers.token.device
-        self.align_heads = {  # per layer: which heads to record, as a device index (graph capture copies nothing)
-            layer: torch.tensor([h for lyr, h in align if lyr == layer], device=device)
-            for layer in sorted({layer for layer, _ in align})
-        }
+        self.align_heads: dict[int, list[int]] = {}  # per layer: the heads whose attention times words
+        for layer, head in align:
+            self.align_heads.setdefault(layer, []).append(head)
         self.use_graphs = use_graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -136,10 +134,9 @@ class DecoderStep:
             q = _heads(block.cross_attn.query(h), heads)
             kx, vx = b.cross_k[layer][:n, :, :t], b.cross_v[layer][:n, :, :t]
             a = F.scaled_dot_product_attention(q, kx, vx, attn_mask=b.cross_ok[:n, :, :, :t])
-            sel = self.align_heads.get(layer)
-            if sel is not None:
-                qs, ks = q.index_select(1, sel), kx.index_select(1, sel)
-                captured.append((qs @ ks.transpose(-1, -2)).float() * q.shape[-1] ** -0.5)
+            for hd in self.align_heads.get(layer, ()):  # slices are views: no copy of the keys
+                qk = q[:, hd:hd + 1] @ kx[:, hd:hd + 1].transpose(-1, -2)
+                captured.append(qk.float() * q.shape[-1] ** -0.5)
             x = x + block.cross_attn.out(_merge(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)

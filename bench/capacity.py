@@ -1,4 +1,4 @@
-"""Capacity sweep: N = 1, 2, 4, ... concurrent real-time streams against one server URL.
+"""Capacity sweep: N = 1, 2, 3, 4, 6, 8, 12, ... concurrent real-time streams against one server URL.
 
     python bench/capacity.py --url ws://127.0.0.1:8000/asr --audio speech.wav --reference "..." [--max-streams 16]
 
@@ -6,7 +6,7 @@ For each N it prints caption lag p50/p95, mean WER and the server's memory, and
 at the end the capacity: the largest N whose p95 lag stays under --lag-limit
 (2.0 s) with no stream failing. Point --url at any server that speaks the
 WhisperLiveKit `/asr` protocol with PCM input (ours, or `whisperlivekit-server
---pcm-input`) to compare both on the same machine and audio.
+--pcm-input`); bench/compare_capacity.py runs both and prints the ratio.
 """
 from __future__ import annotations
 
@@ -22,6 +22,35 @@ from bench.load_client import load_pcm16k, run, server_memory  # noqa: E402
 from bench.metrics import percentile, wer  # noqa: E402
 
 
+def next_n(n: int) -> int:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...: steps of about 1.5x, fine enough to place a capacity."""
+    if n < 4:
+        return n + 1
+    return n * 3 // 2 if n & (n - 1) == 0 else (n // 3) * 4
+
+
+def sweep(url: str, pcm: bytes, reference: str, max_streams: int, lag_limit: float,
+          chunk_ms: int = 100, stagger: float = 0.1) -> int:
+    """Print one row per N; return the capacity (0 if even one stream misses the limit)."""
+    asyncio.run(run(url, pcm[: 2 * 32000], 1, chunk_ms, 0.0))  # the first load is not a stream's lag
+    capacity, n = 0, 1
+    print(f"url={url} audio={len(pcm) / 32000:.1f}s lag limit p95 < {lag_limit:.1f}s")
+    print(f"{'N':>4} {'p50 lag':>8} {'p95 lag':>8} {'WER':>6} {'errors':>6}  memory", flush=True)
+    while n <= max_streams:
+        results = asyncio.run(run(url, pcm, n, chunk_ms, stagger))
+        lags = [x for r in results for x in r.lags]
+        errors = sum(1 for r in results if r.error)
+        w = np.mean([wer(reference, r.text) for r in results]) if reference else float("nan")
+        p95 = percentile(lags, 0.95)
+        print(f"{n:>4} {percentile(lags, 0.5):>7.2f}s {p95:>7.2f}s {w:>6.3f} {errors:>6}  {server_memory(url)}",
+              flush=True)
+        if errors or not lags or p95 >= lag_limit:
+            break
+        capacity, n = n, next_n(n)
+    print(f"capacity: {capacity} real-time stream(s) at p95 lag < {lag_limit:.1f}s", flush=True)
+    return capacity
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="ws://127.0.0.1:8000/asr")
@@ -33,22 +62,7 @@ def main() -> None:
     ap.add_argument("--stagger", type=float, default=0.1)
     args = ap.parse_args()
     reference = Path(args.reference[1:]).read_text() if args.reference.startswith("@") else args.reference
-    pcm = load_pcm16k(args.audio)
-    asyncio.run(run(args.url, pcm[: 2 * 32000], 1, args.chunk_ms, 0.0))  # the first load is not a stream's lag
-    capacity, n = 0, 1
-    print(f"url={args.url} audio={len(pcm) / 32000:.1f}s lag limit p95 < {args.lag_limit:.1f}s")
-    print(f"{'N':>4} {'p50 lag':>8} {'p95 lag':>8} {'WER':>6} {'errors':>6}  memory")
-    while n <= args.max_streams:
-        results = asyncio.run(run(args.url, pcm, n, args.chunk_ms, args.stagger))
-        lags = [x for r in results for x in r.lags]
-        errors = sum(1 for r in results if r.error)
-        w = np.mean([wer(reference, r.text) for r in results]) if reference else float("nan")
-        p95 = percentile(lags, 0.95)
-        print(f"{n:>4} {percentile(lags, 0.5):>7.2f}s {p95:>7.2f}s {w:>6.3f} {errors:>6}  {server_memory(args.url)}")
-        if errors or not lags or p95 >= args.lag_limit:
-            break
-        capacity, n = n, n * 2
-    print(f"capacity: {capacity} real-time stream(s) at p95 lag < {args.lag_limit:.1f}s")
+    sweep(args.url, load_pcm16k(args.audio), reference, args.max_streams, args.lag_limit, args.chunk_ms, args.stagger)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def load_pcm16k(path: str) -> bytes:
     return out.stdout
 
 
+def line_end_seconds(line: dict) -> float:
+    """A line's end in seconds: our `end_s`, or WhisperLiveKit's `end` ("H:MM:SS" or "H:MM:SS.ss")."""
+    if "end_s" in line:
+        return float(line["end_s"])
+    seconds = 0.0
+    for part in str(line["end"]).split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
 @dataclass
 class StreamResult:
     gpu_id: int | None = None
@@ -85,7 +95,7 @@ async def run_stream(url: str, pcm: bytes, chunk_ms: int, start_delay: float) ->
                 speech = [ln for ln in msg["lines"] if ln["speaker"] != -2]
                 words = " ".join(ln["text"] for ln in speech).split()
                 if len(words) > seen_words and speech:
-                    audio_end = speech[-1]["end_s"]
+                    audio_end = line_end_seconds(speech[-1])
                     sent_at = t0 + min(audio_end, len(pcm) / 32000)
                     result.lags.extend([now - sent_at] * (len(words) - seen_words))
                     seen_words = len(words)
@@ -104,8 +114,9 @@ def server_memory(url: str) -> str:
     base = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/asr", 1)[0]
     try:
         status = httpx.get(f"{base}/gpu-status", timeout=5).json()
-    except Exception as exc:  # noqa: BLE001
-        return f"unavailable ({exc})"
+        status["gpus"]
+    except Exception as exc:  # noqa: BLE001 - e.g. a server without /gpu-status (WhisperLiveKit)
+        return f"unavailable ({type(exc).__name__})"
     return ", ".join(f"GPU {g['gpu_id']}: {g['allocated_memory_gb']:.2f}/{g['total_memory_gb']:.2f} GB"
                      for g in status["gpus"])
 

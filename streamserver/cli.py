@@ -68,6 +68,7 @@ FLAGS: list[tuple[str, object, str]] = [
     ("log_level", str, "logging level"),
     ("cache_dir", str, "where converted model checkpoints are cached"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
+    ("trim_seconds", float, "cut a transcription buffer longer than this at its last committed clause end"),
     ("bucket_seconds", float, "encoder windows grow in steps of this many seconds (0: always 30 s)"),
 ]
 

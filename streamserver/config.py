@@ -31,6 +31,7 @@ class ServerConfig:
     log_level: str = "info"
     cache_dir: str | None = None
     max_batch: int = 32  # streams per batched Whisper call
+    trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end
     bucket_seconds: float = 5.0  # encoder windows grow in steps of this (0: always 30 s, as openai-whisper)
 
     @property

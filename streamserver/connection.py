@@ -242,7 +242,8 @@ class Connection:
         models = await self.runtime.acquire()
         try:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
-            options = SessionOptions(self.config.silence_line_seconds, language=self.language)
+            options = SessionOptions(self.config.silence_line_seconds, language=self.language,
+                                     trim_seconds=self.config.trim_seconds)
             session = Session(self.inbox, models, options)
             while not (self.ended or self.draining):
                 try:

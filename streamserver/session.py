@@ -31,6 +31,7 @@ class SessionOptions:
     silence_line_seconds: float = 2.0
     min_chunk_seconds: float = 1.0  # audio a policy needs before another Whisper call
     language: str | None = None
+    trim_seconds: float = 15.0  # a longer buffer is cut at its last committed clause end
 
 
 class AudioInbox:
@@ -80,7 +81,7 @@ class Session:
         self.vad: SileroVAD = models.vad
         self.vad_state = self.vad.new_state()
         self.segmenter = SpeechSegmenter()
-        self.policy = LocalAgreementPolicy(language=options.language)
+        self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language)
         self.transcript = Transcript()
         self.diarizer = models.diarizer
         self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None

@@ -1,0 +1,89 @@
+"""Our capacity beside WhisperLiveKit's, on the same machine, audio and weights, from one command.
+
+    python bench/compare_capacity.py --theirs "/path/to/wlk-venv/bin/whisperlivekit-server \\
+        --model_dir TINY_EN_CT2_FOLDER --pcm-input --port {port} ..." [--lag-limit 3.0]
+
+Makes the speech (espeak-ng, 16 kHz, 1 s of silence before and 2 s after), then
+for each server in turn: starts it (`{port}` in a command is replaced by a free
+port), waits for it to listen, runs the capacity sweep of bench/capacity.py
+(N = 1, 2, 4, ... real-time streams of PCM until p95 caption lag reaches
+--lag-limit), stops it. Prints both capacities and their ratio. Our server runs
+`streamserver --pcm-input` on its defaults unless --ours says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.capacity import sweep  # noqa: E402
+from bench.load_client import load_pcm16k  # noqa: E402
+
+TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_speech(folder: Path) -> Path:
+    raw, wav = folder / "raw.wav", folder / "speech.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), TEXT], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav), "pad", "1", "2"], check=True)
+    return wav
+
+
+def measure(name: str, command: str, pcm: bytes, args: argparse.Namespace) -> int:
+    port = free_port()
+    argv = shlex.split(command.replace("{port}", str(port)))
+    print(f"\n== {name}: {' '.join(argv)}", flush=True)
+    log = open(Path(tempfile.gettempdir()) / f"capacity-{name}.log", "w")
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"{name} exited with {server.returncode}; see {log.name}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit(f"{name} did not listen on port {port} within {args.start_timeout:.0f} s")
+        return sweep(f"ws://127.0.0.1:{port}/asr", pcm, TEXT, args.max_streams, args.lag_limit)
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ours", default="streamserver --pcm-input --port {port} --max-connections-per-gpu 64")
+    ap.add_argument("--theirs", required=True, help="WhisperLiveKit's server command ({port} is filled in)")
+    ap.add_argument("--lag-limit", type=float, default=3.0)
+    ap.add_argument("--max-streams", type=int, default=32)
+    ap.add_argument("--start-timeout", type=float, default=180.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        pcm = load_pcm16k(str(make_speech(Path(folder))))
+    theirs = measure("whisperlivekit", args.theirs, pcm, args)
+    ours = measure("streamserver", args.ours, pcm, args)
+    ratio = f"{ours / theirs:.1f}x" if theirs else ("inf (theirs holds none)" if ours else "n/a")
+    print(f"\ncapacity at p95 lag < {args.lag_limit:.1f} s: streamserver {ours}, WhisperLiveKit {theirs}, "
+          f"ratio {ratio}")
+
+
+if __name__ == "__main__":
+    main()
