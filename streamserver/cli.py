@@ -111,7 +111,10 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
     from .drain import GracefulServer
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config, loader)
+    try:
+        app = create_app(config, loader)
+    except ValueError as exc:  # a flag the server cannot honour: say which, no traceback
+        sys.exit(f"streamserver: error: {exc}")
     uv_config = uvicorn.Config(
         app,
         host=config.host,

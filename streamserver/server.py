@@ -39,6 +39,9 @@ class Server:
             loader = make_loader(config)
         inventory = discover(config.simulate_gpus, list(config.gpus) if config.gpus else None, nvml_factory)
         memory = MemoryMonitor(inventory.nvml)
+        if config.policy != "localagreement":
+            raise ValueError(f"--policy {config.policy} is not available: this server implements localagreement "
+                             "(alignatt is planned)")
         limit = config.max_connections_per_gpu
         auto = limit == "auto"
         if not auto and not isinstance(limit, int):
