@@ -51,11 +51,17 @@ def join_words(words: list[Word] | tuple[Word, ...]) -> str:
 
 @dataclass(frozen=True)
 class TranscribeJob:
-    """One stream's request to the ASR: its audio buffer (16 kHz float32), the committed text to prompt with."""
+    """One stream's request to the ASR: its audio buffer (16 kHz float32), the committed text to prompt with.
+
+    For AlignAtt-style decoding, `prefix` is text already committed for this buffer (forced, not
+    decoded again; only the words after it come back), and `stop_before_end` (seconds) ends the
+    decoding at the first token whose attention reaches that close to the end of the audio."""
 
     audio: np.ndarray
     prompt: str = ""
     language: str | None = None
+    prefix: str = ""
+    stop_before_end: float | None = None
 
 
 # A streaming step that may ask the ASR for transcriptions: it yields jobs, is sent

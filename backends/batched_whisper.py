@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,6 +55,8 @@ class _Row:
     tokens: list[int]
     done: bool = False
     furthest: int = 0  # furthest audio position a token has attended to
+    stop_at: int | None = None  # AlignAtt: a token attending at or past this position ends the row
+    heard: list[int] = field(default_factory=list)  # per accepted token, the position it attended to
 
 
 class BatchedWhisper:
@@ -225,10 +227,15 @@ class BatchedWhisper:
             if job.prompt.strip():
                 prompt = tok.encode(" " + job.prompt.strip())[-(self.dims.n_text_ctx // 2 - 1):]
                 context = [tok.sot_prev, *prompt, *context]
+            if job.prefix.strip():
+                context += tok.encode(" " + job.prefix.strip())[-(self.dims.n_text_ctx // 4):]
             seconds = len(job.audio) / SAMPLE_RATE
             budget = self.dims.n_text_ctx - len(context) - 1
             max_new = max(1, min(budget, self.dims.n_text_ctx // 2, int(self.max_tokens_per_second * seconds) + 10))
-            rows.append(_Row(job, tok, context, max_new, w, f, []))
+            stop_at = None
+            if job.stop_before_end is not None:
+                stop_at = max(1, f - int(job.stop_before_end * TOKENS_PER_SECOND))
+            rows.append(_Row(job, tok, context, max_new, w, f, [], stop_at=stop_at))
         return rows
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
@@ -354,10 +361,12 @@ class BatchedWhisper:
             if len(row.tokens) >= row.max_new:
                 row.done = True
                 return False
-        elif token == eot or len(row.tokens) >= row.max_new or position < row.furthest - BACKTRACK:
+        elif (token == eot or len(row.tokens) >= row.max_new or position < row.furthest - BACKTRACK
+              or (row.stop_at is not None and position >= row.stop_at)):
             row.done = True
             return False
         row.tokens.append(token)
+        row.heard.append(position)
         row.furthest = max(row.furthest, position)
         return True
 
@@ -440,7 +449,10 @@ class BatchedWhisper:
             return []
         words, word_tokens = tok.split_to_word_tokens(text + [tok.eot])
         words, word_tokens = words[:-1], word_tokens[:-1]
-        starts, ends = _word_times(matrix, word_tokens, row.frames)
+        if row.job.prefix.strip() or row.stop_at is not None:
+            starts, ends = _attended_times(row.heard, word_tokens)  # DTW needs the whole text; this is the new part
+        else:
+            starts, ends = _word_times(matrix, word_tokens, row.frames)
         timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
         return _sentences(timed)
 
@@ -457,6 +469,18 @@ def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames:
     bounds = np.minimum(np.cumsum([0] + [len(t) for t in word_tokens]), len(jump_times) - 1)
     starts = jump_times[bounds[:-1]]
     ends = np.maximum(jump_times[bounds[1:]], starts + 0.02)
+    return starts.tolist(), ends.tolist()
+
+
+def _attended_times(heard: list[int], word_tokens: list[list[int]]) -> tuple[list[float], list[float]]:
+    """Word times from the position each token attended to (AlignAtt's own signal), kept monotonic:
+    a word starts where its first token looked and ends where the next word starts."""
+    firsts = np.cumsum([0] + [len(t) for t in word_tokens])[:-1]
+    starts = np.maximum.accumulate(np.array([heard[min(i, len(heard) - 1)] for i in firsts], dtype=float))
+    starts = starts / TOKENS_PER_SECOND
+    last = (max(heard) + 1) / TOKENS_PER_SECOND if heard else 0.0
+    ends = np.append(starts[1:], max(last, starts[-1] + 0.1) if len(starts) else last)
+    ends = np.maximum(ends, starts + 0.02)
     return starts.tolist(), ends.tolist()
 
 

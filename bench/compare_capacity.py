@@ -8,7 +8,7 @@ for each server in turn: starts it (`{port}` in a command is replaced by a free
 port), waits for it to listen, runs the capacity sweep of bench/capacity.py
 (N = 1, 2, 4, ... real-time streams of PCM until p95 caption lag reaches
 --lag-limit), stops it. Prints both capacities and their ratio. Our server runs
-`streamserver --pcm-input` on its defaults unless --ours says otherwise.
+`streamserver --pcm-input` with each policy unless --ours says otherwise.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.capacity import sweep  # noqa: E402
 from bench.load_client import load_pcm16k  # noqa: E402
 
+OURS = "streamserver --pcm-input --port {port} --max-connections-per-gpu 64"
 TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 
 
@@ -70,7 +71,9 @@ def measure(name: str, command: str, pcm: bytes, args: argparse.Namespace) -> in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ours", default="streamserver --pcm-input --port {port} --max-connections-per-gpu 64")
+    ap.add_argument("--ours", action="append",
+                    help="our server command ({port} is filled in); repeat to compare several settings "
+                         "(default: --policy localagreement and --policy alignatt)")
     ap.add_argument("--theirs", required=True, help="WhisperLiveKit's server command ({port} is filled in)")
     ap.add_argument("--lag-limit", type=float, default=3.0)
     ap.add_argument("--max-streams", type=int, default=32)
@@ -78,11 +81,14 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         pcm = load_pcm16k(str(make_speech(Path(folder))))
+    ours_commands = args.ours or [f"{OURS} --policy {policy}" for policy in ("localagreement", "alignatt")]
     theirs = measure("whisperlivekit", args.theirs, pcm, args)
-    ours = measure("streamserver", args.ours, pcm, args)
-    ratio = f"{ours / theirs:.1f}x" if theirs else ("inf (theirs holds none)" if ours else "n/a")
-    print(f"\ncapacity at p95 lag < {args.lag_limit:.1f} s: streamserver {ours}, WhisperLiveKit {theirs}, "
-          f"ratio {ratio}")
+    results = [(command, measure("streamserver", command, pcm, args)) for command in ours_commands]
+    print(f"\ncapacity at p95 lag < {args.lag_limit:.1f} s (real-time streams):")
+    print(f"  WhisperLiveKit: {theirs}   ({args.theirs})")
+    for command, ours in results:
+        ratio = f"{ours / theirs:.1f}x" if theirs else ("inf (theirs holds none)" if ours else "n/a")
+        print(f"  streamserver:   {ours}   ratio {ratio}   ({command})")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ FLAGS: list[tuple[str, object, str]] = [
     ("model", str, "Whisper model name, openai-whisper .pt checkpoint, or CTranslate2 folder"),
     ("language", str, "language for multilingual models (default: en for .en models, else auto)"),
     ("pcm_input", "bool", "connections without format= send raw PCM s16le 16 kHz mono"),
-    ("policy", str, "streaming policy (localagreement)"),
+    ("policy", str, "streaming policy: localagreement or alignatt"),
     ("diarization", "bool", "label speakers"),
     ("diarization_backend", str, "sortformer or embedding"),
     ("sortformer_model", str, "a .nemo file or NeMo model name"),

@@ -243,7 +243,7 @@ class Connection:
         try:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
             options = SessionOptions(self.config.silence_line_seconds, language=self.language,
-                                     trim_seconds=self.config.trim_seconds)
+                                     trim_seconds=self.config.trim_seconds, policy=self.config.policy)
             session = Session(self.inbox, models, options)
             while not (self.ended or self.draining):
                 try:

@@ -39,9 +39,8 @@ class Server:
             loader = make_loader(config)
         inventory = discover(config.simulate_gpus, list(config.gpus) if config.gpus else None, nvml_factory)
         memory = MemoryMonitor(inventory.nvml)
-        if config.policy != "localagreement":
-            raise ValueError(f"--policy {config.policy} is not available: this server implements localagreement "
-                             "(alignatt is planned)")
+        if config.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, not {config.policy!r}")
         limit = config.max_connections_per_gpu
         auto = limit == "auto"
         if not auto and not isinstance(limit, int):
@@ -101,6 +100,7 @@ class Server:
 
 
 AUTO_START = 4
+POLICIES = ("localagreement", "alignatt")
 
 
 def auto_limit(total_bytes: int, used_bytes: int, stream_bytes: int, fraction: float) -> int:

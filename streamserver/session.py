@@ -21,6 +21,7 @@ from backends.asr_types import Steps, join_words
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
 from .attribution import SpeakerAttribution
+from .alignatt import AlignAttPolicy
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
 from .protocol import SILENCE_SPEAKER, CaptionState
 from .transcript import Transcript
@@ -32,6 +33,7 @@ class SessionOptions:
     min_chunk_seconds: float = 1.0  # audio a policy needs before another Whisper call
     language: str | None = None
     trim_seconds: float = 15.0  # a longer buffer is cut at its last committed clause end
+    policy: str = "localagreement"  # or "alignatt"
 
 
 class AudioInbox:
@@ -81,7 +83,10 @@ class Session:
         self.vad: SileroVAD = models.vad
         self.vad_state = self.vad.new_state()
         self.segmenter = SpeechSegmenter()
-        self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language)
+        if options.policy == "alignatt":
+            self.policy = AlignAttPolicy(trim_seconds=options.trim_seconds, language=options.language)
+        else:
+            self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language)
         self.transcript = Transcript()
         self.diarizer = models.diarizer
         self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None

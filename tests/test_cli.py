@@ -74,11 +74,11 @@ def test_simulated_four_gpus_admit_sixteen_and_refuse_the_seventeenth(cli_server
     assert "(Load: 4/4, Memory:" in out and "WebSocket opened on GPU 3" in out
 
 
-def test_a_policy_the_server_does_not_implement_is_refused_at_startup():
+def test_an_unknown_policy_is_refused_at_startup():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "streamserver", "--policy", "alignatt", "--port", "0"],
+    out = subprocess.run([sys.executable, "-m", "streamserver", "--policy", "waitk", "--port", "0"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert "--policy alignatt is not available" in out.stderr and "Traceback" not in out.stderr
+    assert "--policy must be one of localagreement, alignatt" in out.stderr and "Traceback" not in out.stderr

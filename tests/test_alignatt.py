@@ -1,0 +1,92 @@
+"""AlignAtt with a scripted ASR: what is committed each update, what is held back, how the buffer is cut;
+and with real tiny.en weights through a session."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from backends.asr_types import Segment, TranscribeJob, Word, drive
+from bench.metrics import wer
+from streamserver.alignatt import AlignAttPolicy
+
+WORD = 0.5  # one scripted word every half second of audio
+
+
+class HeardASR:
+    """Honours prefix and stop_before_end the way the engine does: words of the whole stream laid out
+    every 0.5 s (a comma after every fourth), the prefix's words skipped, decoding stopped at the first
+    word that ends within `stop_before_end` of the audio's end."""
+
+    def __init__(self) -> None:
+        self.jobs: list[TranscribeJob] = []
+        self.offset = 0.0
+
+    def __call__(self, job: TranscribeJob) -> list[Segment]:
+        self.jobs.append(job)
+        seconds = len(job.audio) / 16000
+        skip = len(job.prefix.split())
+        out, k = [], 0
+        n = math.ceil(self.offset / WORD - 1e-6)  # the first word that starts inside the buffer
+        while True:
+            start = n * WORD - self.offset
+            end = start + 0.45
+            if end > seconds + 1e-9 or (job.stop_before_end is not None and end >= seconds - job.stop_before_end):
+                break
+            if k >= skip:
+                out.append(Word(start, end, f" w{n}" + ("," if n % 4 == 3 else "")))
+            n, k = n + 1, k + 1
+        return [Segment(out[0].start, out[-1].end, tuple(out))] if out else []
+
+
+def _run(seconds: float, trim: float = 15.0):
+    asr = HeardASR()
+    policy = AlignAttPolicy(frame_threshold=0.5, trim_seconds=trim)
+    committed, tentative_seen = [], []
+    for i in range(int(seconds)):
+        policy.insert_audio(np.zeros(16000, np.float32))
+        asr.offset = policy.offset
+        out = drive(policy.process_steps(), asr)
+        committed += out.committed
+        tentative_seen.append([w.text for w in out.tentative])
+    asr.offset = policy.offset
+    committed += drive(policy.finish_steps(), asr)
+    return committed, tentative_seen, asr, policy
+
+
+def test_each_update_commits_the_new_words_heard_and_decodes_only_those():
+    committed, tentative, asr, _ = _run(6)
+    texts = [w.text.strip(",").strip() for w in committed]
+    assert texts == [f"w{i}" for i in range(12)]  # every word once, in order
+    assert all(a.start <= b.start for a, b in zip(committed, committed[1:]))
+    # after the first update the prefix is what was committed: nothing is decoded twice
+    assert asr.jobs[1].prefix.split() == [w.text.strip() for w in committed[: len(asr.jobs[1].prefix.split())]]
+    assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-1]) and asr.jobs[-1].stop_before_end is None
+    assert any(tentative)  # the word at the edge of the audio is shown, not committed
+
+
+def test_a_long_buffer_is_cut_at_a_committed_clause_end_and_its_text_becomes_the_prompt():
+    committed, _, asr, policy = _run(20, trim=4.0)
+    assert [w.text.strip(",").strip() for w in committed] == [f"w{i}" for i in range(40)]
+    longest = max(len(job.audio) for job in asr.jobs) / 16000
+    assert longest <= 4.0 + 2.0 + 1e-6  # never far past the trim length
+    assert any(job.prompt for job in asr.jobs)
+
+
+def test_real_speech_streamed_through_alignatt_comes_back_right(speech_audio, speech_text, tiny_en_checkpoint):
+    from gpu_manager import Device
+    from streamserver.config import ServerConfig
+    from streamserver.models import make_loader
+    from streamserver.session import AudioInbox, Session, SessionOptions, answer_directly
+
+    models = make_loader(ServerConfig(model=str(tiny_en_checkpoint)))(Device(0, "cpu", 0, "cpu"))
+    inbox = AudioInbox()
+    session = Session(inbox, models, SessionOptions(policy="alignatt", language="en"))
+    for off in range(0, len(speech_audio), 1600):
+        inbox.put(speech_audio[off:off + 1600])
+        drive(session.step(), answer_directly(models))
+    state = drive(session.finish(), answer_directly(models))
+    text = " ".join(line.text for line in state.lines if line.speaker != -2)
+    assert wer(speech_text, text) <= 0.15, text
+    starts = [line.start for line in state.lines]
+    assert starts == sorted(starts)
