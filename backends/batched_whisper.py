@@ -31,7 +31,7 @@ from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from .asr_types import Segment, TranscribeJob, Word
-from .decoder_step import DecoderStep, StepBuffers
+from .decoder_step import DecoderStep, StepBuffers, merge_heads, split_heads
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
@@ -378,7 +378,7 @@ class BatchedWhisper:
         out = []
         for layer, block in enumerate(self.model.decoder.blocks):
             attn = block.cross_attn
-            k, v = _heads(attn.key(encoded), heads), _heads(attn.value(encoded), heads)
+            k, v = split_heads(attn.key(encoded), heads), split_heads(attn.value(encoded), heads)
             if buf is not None:
                 k = buf.cross_k[layer][:B, :, :T].copy_(k)
                 v = buf.cross_v[layer][:B, :, :T].copy_(v)
@@ -403,7 +403,7 @@ class BatchedWhisper:
         captured = []
         for layer, block in enumerate(dec.blocks):
             h = block.attn_ln(x)
-            q, k, v = _heads(block.attn.query(h), heads), _heads(block.attn.key(h), heads), _heads(block.attn.value(h), heads)
+            q, k, v = split_heads(block.attn.query(h), heads), split_heads(block.attn.key(h), heads), split_heads(block.attn.value(h), heads)
             if self_attn is not None:
                 cache, slot, mask = self_attn
                 kc, vc = cache[layer]
@@ -414,16 +414,16 @@ class BatchedWhisper:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 a = F.scaled_dot_product_attention(q, k, v)
-            x = x + block.attn.out(_merge(a))
+            x = x + block.attn.out(merge_heads(a))
             h = block.cross_attn_ln(x)
-            q = _heads(block.cross_attn.query(h), heads)
+            q = split_heads(block.cross_attn.query(h), heads)
             kx, vx = cross[layer]
             a = F.scaled_dot_product_attention(q, kx, vx, attn_mask=cross_mask)
             if capture and layer in self._align_layers:
                 sel = [hd for l, hd in self._align if l == layer]
                 scale = q.shape[-1] ** -0.5
                 captured.append((q[:, sel] @ kx[:, sel].transpose(-1, -2)).float() * scale)
-            x = x + block.cross_attn.out(_merge(a))
+            x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
         logits = (x @ dec.token_embedding.weight.to(x.dtype).T).float()
@@ -504,16 +504,6 @@ def _cpu_has_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, d = x.shape
-    return x.view(b, n, heads, d // heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def _merge_punctuation(words: list[Word]) -> list[Word]:

@@ -125,19 +125,19 @@ class DecoderStep:
         captured = []
         for layer, block in enumerate(dec.blocks):
             h = block.attn_ln(x)
-            q = _heads(block.attn.query(h), heads)
-            b.self_k[layer][:n].index_copy_(2, b.slot, _heads(block.attn.key(h), heads))
-            b.self_v[layer][:n].index_copy_(2, b.slot, _heads(block.attn.value(h), heads))
+            q = split_heads(block.attn.query(h), heads)
+            b.self_k[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.key(h), heads))
+            b.self_v[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.value(h), heads))
             a = F.scaled_dot_product_attention(q, b.self_k[layer][:n], b.self_v[layer][:n], attn_mask=visible)
-            x = x + block.attn.out(_merge(a))
+            x = x + block.attn.out(merge_heads(a))
             h = block.cross_attn_ln(x)
-            q = _heads(block.cross_attn.query(h), heads)
+            q = split_heads(block.cross_attn.query(h), heads)
             kx, vx = b.cross_k[layer][:n, :, :t], b.cross_v[layer][:n, :, :t]
             a = F.scaled_dot_product_attention(q, kx, vx, attn_mask=b.cross_ok[:n, :, :, :t])
             for hd in self.align_heads.get(layer, ()):  # slices are views: no copy of the keys
                 qk = q[:, hd:hd + 1] @ kx[:, hd:hd + 1].transpose(-1, -2)
                 captured.append(qk.float() * q.shape[-1] ** -0.5)
-            x = x + block.cross_attn.out(_merge(a))
+            x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
         logits = (x[:, -1] @ dec.token_embedding.weight.to(x.dtype).T).float() + b.suppress
@@ -153,11 +153,11 @@ class DecoderStep:
         b.slot += 1
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     bsz, n, d = x.shape
     return x.view(bsz, n, heads, d // heads).transpose(1, 2)
 
 
-def _merge(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     bsz, h, n, d = x.shape
     return x.transpose(1, 2).reshape(bsz, n, h * d)
