@@ -13,6 +13,7 @@ from .admin import load_models, unload_models
 from .auth import require_token
 from .config import ServerConfig
 from .connection import asr_endpoint
+from .jobs_api import jobs_routes
 from .page import page_routes
 from .runtime import ModelLoader
 from .server import Server
@@ -52,7 +53,9 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        server.jobs.start()
         yield
+        await server.jobs.stop()
         server.shutdown()
 
     app = Starlette(
@@ -65,6 +68,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
             Route("/models/load", load_models, methods=["POST"]),
             Route("/models/unload", unload_models, methods=["POST"]),
             WebSocketRoute("/asr", asr_endpoint),
+            *jobs_routes(),
         ],
         lifespan=lifespan,
     )

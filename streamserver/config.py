@@ -30,6 +30,9 @@ class ServerConfig:
     ssl_keyfile: str | None = None
     log_level: str = "info"
     cache_dir: str | None = None
+    jobs_db: str = "./streamserver-jobs.sqlite"
+    max_upload_mb: float = 500.0
+    sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call
     trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end
     bucket_seconds: float = 5.0  # encoder windows grow in steps of this (0: always 30 s, as openai-whisper)

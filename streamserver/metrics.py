@@ -95,6 +95,23 @@ class _DeviceCollector:
         return [active, used, free, total, util, rtf]
 
 
+class _JobCollector:
+    """Job counts by status (read from the job store at scrape time) and file throughput."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        jobs = GaugeMetricFamily(PREFIX + "jobs", "File jobs by status", labels=["status"])
+        store = self.metrics._jobs
+        for status, n in (store.counts() if store is not None else {}).items():
+            jobs.add_metric([status], n)
+        rate = GaugeMetricFamily(PREFIX + "file_throughput_ratio",
+                                 "File audio seconds transcribed per wall second, over the last minute")
+        rate.add_metric([], self.metrics.file_throughput())
+        return [jobs, rate]
+
+
 class Metrics:
     """The server's metrics and the verbs that record them."""
 
@@ -122,11 +139,16 @@ class Metrics:
         self.received = Counter(PREFIX + "audio_received_seconds", "Audio received from clients", gpu, registry=r)
         self.processed = Counter(PREFIX + "audio_processed_seconds", "Audio the pipeline has processed", gpu,
                                  registry=r)
+        self.file_audio_seconds = Counter(PREFIX + "file_audio_processed_seconds",
+                                          "File (job) audio transcribed", gpu, registry=r)
+        self._file_window: deque[tuple[float, float]] = deque()  # (time, seconds) of file chunks done
+        self._jobs = None
         r.register(_DeviceCollector(allocator, memory, self.realtime))
+        r.register(_JobCollector(self))
         for d in allocator.devices:  # every series exists from the start, at zero
             g = str(d.id)
             for family in (self.admissions, self.loads, self.unloads, self.load_seconds, self.caption_lag,
-                           self.received, self.processed):
+                           self.received, self.processed, self.file_audio_seconds):
                 family.labels(g)
             for stage in STAGES:
                 self.batch_size.labels(g, stage)
@@ -168,6 +190,19 @@ class Metrics:
         g = str(gpu_id)
         self.batch_size.labels(g, stage).observe(size)
         self.queue_wait.labels(g, stage).observe(max(wait_seconds, 0.0))
+
+    def attach_jobs(self, store) -> None:
+        self._jobs = store
+
+    def file_audio(self, gpu_id: int, seconds: float) -> None:
+        self.file_audio_seconds.labels(str(gpu_id)).inc(seconds)
+        self._file_window.append((time.monotonic(), seconds))
+
+    def file_throughput(self, window: float = 60.0) -> float:
+        now = time.monotonic()
+        while self._file_window and self._file_window[0][0] < now - window:
+            self._file_window.popleft()
+        return sum(s for _, s in self._file_window) / window
 
     def observe_compute(self, gpu_id: int, seconds: float) -> None:
         """Device time spent on inference (the numerator of the realtime factor)."""

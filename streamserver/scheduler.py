@@ -9,6 +9,11 @@ the device's worker thread, and answers their Whisper calls together:
       `probabilities_batch`, `TranscribeJob`s in `transcribe_batch` calls)
     → send each step its answer; repeat until every step has returned.
 
+File chunks (`submit_batch`) are a second, lower class: a round of them runs
+only when no live step is waiting and live rounds have kept the device busy
+less than half of the last five seconds; otherwise they wait (the job shows
+`paused`) and are looked at again every half second.
+
 Each connection has at most one step in flight, so every round serves every
 waiting connection once: no stream starves, and when the device falls behind
 real time each stream gets fewer, larger updates (its audio waits in its inbox)
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +41,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamserver.scheduler")
 
+BUSY_WINDOW = 5.0  # seconds over which the live streams' share of the device is measured
+PAUSE_DUTY = 0.5  # file work pauses while live rounds fill more than this share
+RETRY_SECONDS = 0.5  # how often paused file work looks again
+
 
 @dataclass
 class _Request:
     steps: Steps
     future: asyncio.Future
     submitted: float
+
+
+@dataclass
+class _BatchRequest:
+    """File work: one chunk's Whisper call, run only with capacity the live streams leave."""
+
+    job: TranscribeJob
+    future: asyncio.Future
 
 
 @dataclass
@@ -57,9 +75,14 @@ class DeviceScheduler:
         self.runtime = runtime
         self.max_batch = max(1, max_batch)
         self._waiting: list[_Request] = []
+        self._files: list[_BatchRequest] = []
         self._running = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._live_rounds: deque[tuple[float, float]] = deque()  # (start, end) of recent live rounds
         self.rounds = 0
         self.last_round_size = 0
+        self.batch_rounds = 0
+        self.batch_audio_seconds = 0.0
 
     async def submit(self, steps: Steps) -> Any:
         """Run a session's `step()`/`finish()` generator in the next round; its return value."""
@@ -69,22 +92,87 @@ class DeviceScheduler:
         loop.call_soon(self._start_round)  # steps submitted in the same tick share the round
         return await future
 
+    async def submit_batch(self, job: TranscribeJob) -> list[Segment]:
+        """Transcribe one chunk of a file when the live streams leave room (never before them)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._files.append(_BatchRequest(job, future))
+        loop.call_soon(self._start_round)
+        return await future
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def live_duty(self, now: float | None = None) -> float:
+        """Share of the last BUSY_WINDOW seconds the device spent on live rounds."""
+        now = time.perf_counter() if now is None else now
+        while self._live_rounds and self._live_rounds[0][1] < now - BUSY_WINDOW:
+            self._live_rounds.popleft()
+        busy = sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in self._live_rounds)
+        return max(0.0, busy) / BUSY_WINDOW
+
+    def batch_paused(self) -> bool:
+        """File work waits while live streams keep the device busy more than PAUSE_DUTY of the time."""
+        return self.live_duty() > PAUSE_DUTY
+
     # -- event loop side ------------------------------------------------
     def _start_round(self) -> None:
-        if self._running or not self._waiting:
+        """Live steps first; file chunks only when no live step waits and live load leaves room."""
+        if self._running:
             return
-        requests, self._waiting = self._waiting, []
-        self._running = True
         models = self.runtime.models
-        task = asyncio.ensure_future(self.runtime.run(self._round, models, requests))
-        task.add_done_callback(lambda t: self._round_done(t, requests))
+        if self._waiting:
+            requests, self._waiting = self._waiting, []
+            self._running = True
+            started = time.perf_counter()
+            task = asyncio.ensure_future(self.runtime.run(self._round, models, requests))
+            task.add_done_callback(lambda t: self._round_done(t, requests, started))
+            return
+        self._files = [b for b in self._files if not b.future.done()]  # cancelled jobs free their work
+        if not self._files or models is None:
+            return
+        if self.batch_paused():
+            if self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry_round)
+            return
+        batch, self._files = self._files[: self.max_batch], self._files[self.max_batch:]
+        self._running = True
+        task = asyncio.ensure_future(self.runtime.run(self._batch_round, models.asr, [b.job for b in batch]))
+        task.add_done_callback(lambda t: self._batch_done(t, batch))
 
-    def _round_done(self, task: asyncio.Future, requests: list[_Request]) -> None:
+    def _retry_round(self) -> None:
+        self._retry = None
+        self._start_round()
+
+    def _batch_done(self, task: asyncio.Future, batch: list[_BatchRequest]) -> None:
         self._running = False
+        if task.cancelled() or task.exception() is not None:
+            error = asyncio.CancelledError() if task.cancelled() else task.exception()
+            answers = [error] * len(batch)
+        else:
+            answers = task.result()
+        for request, answer in zip(batch, answers):
+            if request.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                request.future.set_exception(answer)
+            else:
+                request.future.set_result(answer)
+        self._start_round()
+
+    def _batch_round(self, asr: Any, jobs: list[TranscribeJob]) -> list[list[Segment] | BaseException]:
+        started = time.perf_counter()
+        self.batch_rounds += 1
+        answers = self._transcribe(asr, jobs, started)
+        self.batch_audio_seconds += sum(len(j.audio) for j in jobs) / 16000
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.observe_compute(self.runtime.device.id, time.perf_counter() - started)
+        return answers
+
+    def _round_done(self, task: asyncio.Future, requests: list[_Request], started: float) -> None:
+        self._running = False
+        self._live_rounds.append((started, time.perf_counter()))
         if task.cancelled() or task.exception() is not None:
             error = asyncio.CancelledError() if task.cancelled() else task.exception()
             outcomes = [_Progress(error=error) for _ in requests]

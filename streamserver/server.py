@@ -16,6 +16,7 @@ from gpu_manager.nvml import Nvml
 from .config import ServerConfig
 from .drain import Drain
 from .metrics import Metrics
+from .job_runner import JobRunner
 from .runtime import DeviceRuntime, ModelLoader
 
 log = logging.getLogger("streamserver")
@@ -30,6 +31,7 @@ class Server:
     runtimes: dict[int, DeviceRuntime]
     metrics: Metrics
     drain: Drain
+    jobs: JobRunner | None = None  # file transcription jobs (set by build)
 
     @classmethod
     def build(cls, config: ServerConfig, loader: ModelLoader | None = None, nvml_factory=Nvml) -> "Server":
@@ -58,7 +60,9 @@ class Server:
                 runtimes[d.id].on_loaded = partial(_derive_limit, allocator, memory, d, config.gpu_memory_fraction)
         for d in inventory.devices:
             log.info("Device %d: %s (%s, %.2f GB)", d.id, d.name, d.label, d.total_bytes / 2**30)
-        return cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
+        server = cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
+        server.jobs = JobRunner(server, config.jobs_db)
+        return server
 
     def gpu_entry(self, device_id: int) -> dict:
         load = next(x for x in self.allocator.loads() if x.device.id == device_id)

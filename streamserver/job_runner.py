@@ -1,0 +1,165 @@
+"""Runs the queued file jobs, one at a time, chunk by chunk, on every device at once.
+
+For the oldest unfinished job: decode the file and cut it at speech pauses (once;
+the cut is stored), then one worker per device takes the next unfinished chunk
+and hands it to that device's scheduler as file work (`submit_batch`): it runs
+only in capacity live streams leave. Each chunk's words are stored as soon as it
+is done, so a restarted server resumes at the first unfinished chunk. While a
+device's live load holds file work back, the job shows `paused`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from backends.asr_types import TranscribeJob
+from backends.vad import SileroVAD
+
+from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file
+from .job_store import Job, JobStore
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("streamserver.jobs")
+
+
+class JobRunner:
+    def __init__(self, server: Server, db_path: str, chunk_seconds: float = 30.0) -> None:
+        self.server = server
+        self.db_path = db_path
+        self._store: JobStore | None = None
+        self.chunk_seconds = chunk_seconds
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._current: tuple[str, asyncio.Task] | None = None
+        self._vad: SileroVAD | None = None  # on the CPU: cutting files never takes device time
+        self.audio_seconds_done = 0.0
+
+    @property
+    def store(self) -> JobStore:
+        """The job database, opened on first use (a server that never gets a file writes none)."""
+        if self._store is None:
+            self._store = JobStore(self.db_path)
+            if self.server.metrics is not None:
+                self.server.metrics.attach_jobs(self._store)
+        return self._store
+
+    @property
+    def uploads(self) -> Path:
+        folder = Path(self.db_path + ".files")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def start(self) -> None:
+        if os.path.exists(self.db_path):  # jobs of an earlier run: resume them
+            requeued = self.store.requeue_interrupted()
+            if requeued:
+                log.info("Resuming %d interrupted job(s)", requeued)
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._store is not None:
+            self._store.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """A deleted job stops at once: its workers are cancelled, its queued chunks dropped."""
+        if self._current and self._current[0] == job_id:
+            self._current[1].cancel()
+
+    async def wait_done(self, job_id: str, poll: float = 0.2) -> Job | None:
+        while True:
+            job = self.store.get(job_id)
+            if job is None or job.status in ("done", "failed"):
+                return job
+            await asyncio.sleep(poll)
+
+    # -- the loop ----------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            job = self.store.next_queued() if self._store is not None else None
+            if job is None:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            task = asyncio.ensure_future(self._run(job))
+            self._current = (job.id, task)
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+                log.info("Job %s cancelled", job.id)
+            finally:
+                self._current = None
+
+    async def _run(self, job: Job) -> None:
+        self.store.set_status(job.id, "running")
+        try:
+            audio = await asyncio.to_thread(decode_file, job.audio_path)
+            if not self.store.pending_chunks(job.id) and not job.chunks:
+                spans = await asyncio.to_thread(cut_at_pauses, audio, self._cpu_vad(), self.chunk_seconds)
+                self.store.set_chunks(job.id, len(audio) / SAMPLE_RATE, spans)
+            pending = asyncio.Queue()
+            for chunk in self.store.pending_chunks(job.id):
+                pending.put_nowait(chunk)
+            workers = [asyncio.ensure_future(self._worker(job, audio, pending, rt))
+                       for rt in self.server.runtimes.values()]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+        except FileDecodeError as exc:
+            self.store.set_status(job.id, "failed", str(exc))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a job's failure is the job's, the server goes on
+            log.exception("Job %s failed", job.id)
+            self.store.set_status(job.id, "failed", f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if self.store.get(job.id) is not None:
+            self.store.set_status(job.id, "done")
+            log.info("Job %s done", job.id)
+
+    async def _worker(self, job: Job, audio: np.ndarray, pending: asyncio.Queue, runtime) -> None:
+        models = await runtime.acquire()  # loads the device's models if needed; keeps them loaded
+        try:
+            while not pending.empty():
+                idx, start, end = pending.get_nowait()
+                if runtime.scheduler.batch_paused():
+                    self.store.set_status(job.id, "paused")
+                piece = audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]
+                segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language))
+                words = [{"word": w.text, "start": round(start + w.start, 3), "end": round(start + w.end, 3)}
+                         for s in segments for w in s.words]
+                if not self.store.chunk_done(job.id, idx, words):
+                    return  # deleted meanwhile
+                self.audio_seconds_done += end - start
+                if self.server.metrics is not None:
+                    self.server.metrics.file_audio(runtime.device.id, end - start)
+                self.store.set_status(job.id, "running")
+        finally:
+            del models
+            runtime.release()
+
+    def _cpu_vad(self) -> SileroVAD:
+        if self._vad is None:
+            self._vad = SileroVAD("cpu")
+        return self._vad

@@ -1,0 +1,183 @@
+"""HTTP for files: OpenAI's `POST /v1/audio/transcriptions` and the `/jobs` API (contract section 5).
+
+Uploads go to disk as they arrive (the multipart parser spools to a temporary
+file, which is moved into the jobs folder); the file is decoded once up front so
+a bad file is a 400 with the decoder's reason before any job exists.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import require_token
+from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file
+from .job_runner import JobRunner
+from .transcript_formats import FORMATS, render
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
+    """Save the form's `file` into the jobs folder; the other fields as a dict. Or the error answer."""
+    config = request.app.state.server.config
+    limit = int(config.max_upload_mb * 2**20)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + 64 * 1024:
+        return _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
+    try:
+        form = await request.form(max_files=1, max_fields=32)
+    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
+        return _error(f"Could not read the upload: {exc}", 400)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        await form.close()
+        return _error("Missing 'file' in the multipart form", 400)
+    runner: JobRunner = request.app.state.server.jobs
+    target = runner.uploads / (uuid.uuid4().hex + Path(upload.filename or "").suffix[:10])
+    try:
+        size = await asyncio.to_thread(_copy, upload, target, limit)
+    finally:
+        await form.close()
+    if size > limit:
+        target.unlink(missing_ok=True)
+        return _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    fields["timestamp_granularities"] = [v for k, v in form.multi_items() if k.startswith("timestamp_granularities")]
+    return target, fields
+
+
+def _copy(upload: UploadFile, target: Path, limit: int) -> int:
+    size = 0
+    upload.file.seek(0)
+    with open(target, "wb") as out:
+        while block := upload.file.read(1 << 20):
+            size += len(block)
+            if size > limit:
+                break
+            out.write(block)
+    return size
+
+
+async def _check_audio(path: Path) -> float | JSONResponse:
+    """The file's duration in seconds, or the 400 answer with the decoder's reason."""
+    try:
+        audio = await asyncio.to_thread(decode_file, str(path))
+    except FileDecodeError as exc:
+        path.unlink(missing_ok=True)
+        return _error(str(exc), 400)
+    return len(audio) / SAMPLE_RATE
+
+
+@require_token
+async def openai_transcriptions(request: Request) -> Response:
+    received = await _receive_upload(request)
+    if isinstance(received, JSONResponse):
+        return received
+    path, fields = received
+    fmt = fields.get("response_format", "json")
+    if fmt not in FORMATS:
+        path.unlink(missing_ok=True)
+        return _error(f"response_format must be one of {', '.join(FORMATS)}", 400)
+    seconds = await _check_audio(path)
+    if isinstance(seconds, JSONResponse):
+        return seconds
+    server = request.app.state.server
+    if seconds > server.config.sync_max_seconds:
+        path.unlink(missing_ok=True)
+        return _error(f"The file is {seconds:.0f} s of audio, over --sync-max-seconds "
+                      f"({server.config.sync_max_seconds:g} s): submit it to POST /jobs", 413)
+    runner: JobRunner = server.jobs
+    job = runner.store.create(str(path), language=fields.get("language") or None, prompt=fields.get("prompt"))
+    runner.wake()
+    try:
+        done = await runner.wait_done(job.id)
+    except asyncio.CancelledError:  # the client went away: its job goes too
+        runner.store.delete(job.id)
+        runner.cancel(job.id)
+        raise
+    if done is None or done.status != "done":
+        return _error(f"Transcription failed: {done.error if done else 'job deleted'}", 500)
+    words = runner.store.words(job.id)
+    runner.store.delete(job.id)
+    path.unlink(missing_ok=True)
+    body, media = render(words, fmt, duration=round(seconds, 2), language=fields.get("language"),
+                         with_words="word" in fields["timestamp_granularities"])
+    return Response(body, media_type=media)
+
+
+@require_token
+async def create_job(request: Request) -> Response:
+    received = await _receive_upload(request)
+    if isinstance(received, JSONResponse):
+        return received
+    path, fields = received
+    seconds = await _check_audio(path)
+    if isinstance(seconds, JSONResponse):
+        return seconds
+    runner: JobRunner = request.app.state.server.jobs
+    job = runner.store.create(str(path), language=fields.get("language") or None,
+                              diarization=fields.get("diarization", "").lower() == "true")
+    runner.wake()
+    return JSONResponse({"id": job.id, "status": job.status}, status_code=202)
+
+
+@require_token
+async def list_jobs(request: Request) -> Response:
+    status = request.query_params.get("status")
+    runner: JobRunner = request.app.state.server.jobs
+    return JSONResponse({"jobs": [j.public() for j in runner.store.list(status)]})
+
+
+@require_token
+async def job_status(request: Request) -> Response:
+    job = request.app.state.server.jobs.store.get(request.path_params["job_id"])
+    if job is None:
+        return _error("Unknown job", 404)
+    return JSONResponse(job.public())
+
+
+@require_token
+async def job_result(request: Request) -> Response:
+    runner: JobRunner = request.app.state.server.jobs
+    job = runner.store.get(request.path_params["job_id"])
+    if job is None:
+        return _error("Unknown job", 404)
+    if job.status != "done":
+        return _error(f"Job is {job.status}", 409)
+    fmt = request.query_params.get("format", "json")
+    if fmt not in ("json", "text", "srt", "vtt"):
+        return _error("format must be json, text, srt or vtt", 400)
+    body, media = render(runner.store.words(job.id), "verbose_json" if fmt == "json" else fmt,
+                         duration=job.audio_seconds, language=job.language)
+    return Response(body, media_type=media)
+
+
+@require_token
+async def delete_job(request: Request) -> Response:
+    runner: JobRunner = request.app.state.server.jobs
+    job = runner.store.delete(request.path_params["job_id"])
+    if job is None:
+        return _error("Unknown job", 404)
+    runner.cancel(job.id)
+    Path(job.audio_path).unlink(missing_ok=True)
+    return Response(status_code=204)
+
+
+def jobs_routes() -> list[Route]:
+    return [
+        Route("/v1/audio/transcriptions", openai_transcriptions, methods=["POST"]),
+        Route("/jobs", create_job, methods=["POST"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", job_status, methods=["GET"]),
+        Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
+        Route("/jobs/{job_id}/result", job_result, methods=["GET"]),
+    ]
+
