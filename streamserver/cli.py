@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamserver", description="Live speech transcription over WebSockets",
         epilog="Subcommands for a running server: streamserver status [--url URL] [--token T]; "
-               "streamserver models load|unload --gpu N [--url URL] [--token T]",
+               "streamserver models load|unload --gpu N [--url URL] [--token T]; "
+               "streamserver transcribe FILE [--url URL] [--format text|json|srt|vtt]",
     )
     for name, kind, help_text in FLAGS:
         env = ENV_PREFIX + name.upper()
@@ -138,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ctl.COMMANDS:
         sys.exit(ctl.main(args))
+    if args and args[0] == "transcribe":
+        from . import transcribe_cli
+
+        sys.exit(transcribe_cli.main(args[1:]))
     serve(parse_config(args))
 
 

@@ -44,6 +44,7 @@ log = logging.getLogger("streamserver.scheduler")
 BUSY_WINDOW = 5.0  # seconds over which the live streams' share of the device is measured
 PAUSE_DUTY = 0.5  # file work pauses while live rounds fill more than this share
 RETRY_SECONDS = 0.5  # how often paused file work looks again
+MIN_SPAN = 0.5  # seconds: a single short live round does not read as a busy device
 
 
 @dataclass
@@ -105,12 +106,16 @@ class DeviceScheduler:
         return len(self._waiting)
 
     def live_duty(self, now: float | None = None) -> float:
-        """Share of the last BUSY_WINDOW seconds the device spent on live rounds."""
+        """Share of the recent past (up to BUSY_WINDOW seconds, since the first live round in it) the
+        device spent on live rounds: near 1 as soon as live rounds run back to back."""
         now = time.perf_counter() if now is None else now
         while self._live_rounds and self._live_rounds[0][1] < now - BUSY_WINDOW:
             self._live_rounds.popleft()
+        if not self._live_rounds:
+            return 0.0
+        span = max(MIN_SPAN, now - max(self._live_rounds[0][0], now - BUSY_WINDOW))
         busy = sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in self._live_rounds)
-        return max(0.0, busy) / BUSY_WINDOW
+        return min(1.0, max(0.0, busy) / span)
 
     def batch_paused(self) -> bool:
         """File work waits while live streams keep the device busy more than PAUSE_DUTY of the time."""

@@ -1,0 +1,120 @@
+"""Files: the OpenAI-compatible endpoint and the /jobs API, with real tiny.en weights."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from bench.metrics import wer
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from tests.live import serve_app
+
+
+@pytest.fixture(scope="module")
+def server(tiny_en_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jobs")
+    app = create_app(ServerConfig(model=str(tiny_en_checkpoint), jobs_db=str(folder / "jobs.sqlite"),
+                                  max_upload_mb=5))
+    with serve_app(app) as base:
+        yield f"http://{base}"
+
+
+@pytest.fixture(scope="module")
+def encoded(speech_wav, tmp_path_factory):
+    """The test speech as WAV, MP3, webm/opus and FLAC (ffmpeg)."""
+    folder = tmp_path_factory.mktemp("formats")
+    files = {"wav": speech_wav}
+    for ext, codec in (("mp3", ["-c:a", "libmp3lame"]), ("webm", ["-c:a", "libopus"]), ("flac", ["-c:a", "flac"])):
+        out = folder / f"speech.{ext}"
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(speech_wav), *codec, str(out)], check=True)
+        files[ext] = out
+    return files
+
+
+@pytest.mark.parametrize("ext", ["wav", "mp3", "webm", "flac"])
+def test_every_format_comes_back_with_the_right_words(server, encoded, speech_text, ext):
+    with open(encoded[ext], "rb") as f:
+        r = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": (f"speech.{ext}", f)},
+                       data={"model": "whisper-1"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert wer(speech_text, r.json()["text"]) <= 0.15
+
+
+def _stamps(text: str, mark: str) -> list[float]:
+    out = []
+    for h, m, s, ms in re.findall(rf"(\d\d):(\d\d):(\d\d){re.escape(mark)}(\d\d\d)", text):
+        out.append(int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000)
+    return out
+
+
+def test_srt_vtt_and_verbose_json_carry_ordered_times(server, encoded):
+    bodies = {}
+    for fmt in ("srt", "vtt", "verbose_json"):
+        with open(encoded["wav"], "rb") as f:
+            r = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("speech.wav", f)},
+                           data={"response_format": fmt, "timestamp_granularities[]": "word"}, timeout=120)
+        assert r.status_code == 200, r.text
+        bodies[fmt] = r.text
+    srt = _stamps(bodies["srt"], ",")
+    assert bodies["srt"].startswith("1\n") and srt and srt == sorted(srt)
+    vtt = _stamps(bodies["vtt"], ".")
+    assert bodies["vtt"].startswith("WEBVTT") and vtt and vtt == sorted(vtt)
+    verbose = json.loads(bodies["verbose_json"])
+    words = verbose["words"]
+    assert len(words) >= 15 and all(w["start"] <= w["end"] for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert verbose["segments"] and verbose["duration"] > 6
+
+
+def test_the_openai_sdk_transcribes_against_the_server(server, speech_wav, speech_text):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    with open(speech_wav, "rb") as f:
+        result = client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert wer(speech_text, result.text) <= 0.15
+
+
+def test_a_job_runs_to_done_and_its_result_comes_in_every_format(server, encoded, speech_text):
+    with open(encoded["flac"], "rb") as f:
+        r = httpx.post(f"{server}/jobs", files={"file": ("speech.flac", f)}, timeout=60)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 120
+    while (status := httpx.get(f"{server}/jobs/{job_id}").json())["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status["status"] == "done" and status["progress"] == 1.0 and status["audio_seconds"] > 6
+    result = httpx.get(f"{server}/jobs/{job_id}/result").json()
+    assert wer(speech_text, result["text"]) <= 0.15 and result["segments"]
+    assert wer(speech_text, httpx.get(f"{server}/jobs/{job_id}/result?format=text").text) <= 0.15
+    assert job_id in [j["id"] for j in httpx.get(f"{server}/jobs?status=done").json()["jobs"]]
+    assert httpx.delete(f"{server}/jobs/{job_id}").status_code == 204
+    assert httpx.get(f"{server}/jobs/{job_id}").status_code == 404
+
+
+def test_bad_files_sizes_and_ids_get_their_status_codes(server, tmp_path):
+    r = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("x.wav", b"not audio at all" * 64)})
+    assert r.status_code == 400 and "not a decodable audio file" in r.json()["error"]
+    assert str(tmp_path) not in r.text
+    big = b"\0" * (6 * 2**20)
+    assert httpx.post(f"{server}/jobs", files={"file": ("big.wav", big)}, timeout=60).status_code == 413
+    assert httpx.get(f"{server}/jobs/nope").status_code == 404
+    assert httpx.get(f"{server}/jobs/nope/result").status_code == 404
+    assert httpx.delete(f"{server}/jobs/nope").status_code == 404
+    assert httpx.post(f"{server}/jobs", data={"language": "en"}).status_code == 400
+
+
+def test_the_transcribe_command_uploads_and_prints_the_transcript(server, encoded, speech_text):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "streamserver", "transcribe", str(encoded["mp3"]), "--url", server,
+                          "--format", "srt"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("1\n") and wer(speech_text, " ".join(
+        line for line in out.stdout.splitlines() if line and not line[0].isdigit())) <= 0.15
+    assert "upload" in out.stderr and "transcribe" in out.stderr

@@ -1,0 +1,125 @@
+"""Jobs survive a SIGKILL: queued and half-done jobs finish after a restart, each chunk's words once;
+and file work yields to live streams."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import wave
+
+import httpx
+import numpy as np
+
+from backends.asr_types import TranscribeJob
+from gpu_manager import discover
+from streamserver.runtime import DeviceRuntime
+from tests.fakes import EchoASR, fake_loader
+from tests.live import start_server_process
+
+
+def _tone_wav(path, seconds: float) -> None:
+    t = np.arange(int(seconds * 16000)) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
+def _wait(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_three_jobs_finish_after_a_sigkill_and_restart_with_nothing_done_twice(tmp_path):
+    db = tmp_path / "jobs.sqlite"
+    argv = ["-m", "tests.fake_server", "--simulate-gpus", "1x16", "--jobs-db", str(db)]
+    seconds = [70.0, 45.0, 35.0]  # 3, 2 and 2 chunks of at most 30 s
+    for i, s in enumerate(seconds):
+        _tone_wav(tmp_path / f"f{i}.wav", s)
+    slow = dict(os.environ, FAKE_ASR_SECONDS="0.7")  # each chunk takes 0.7 s
+    proc, base = start_server_process(argv, env=slow)
+    try:
+        ids = []
+        for i in range(3):
+            with open(tmp_path / f"f{i}.wav", "rb") as f:
+                r = httpx.post(f"http://{base}/jobs", files={"file": (f"f{i}.wav", f)}, timeout=30)
+            assert r.status_code == 202
+            ids.append(r.json()["id"])
+        # kill -9 once the first job is part done
+        _wait(lambda: 0 < httpx.get(f"http://{base}/jobs/{ids[0]}").json()["progress"] < 1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, base = start_server_process(argv)
+    try:
+        _wait(lambda: all(httpx.get(f"http://{base}/jobs/{i}").json()["status"] == "done" for i in ids))
+        for job_id, s in zip(ids, seconds):
+            result = httpx.get(f"http://{base}/jobs/{job_id}/result").json()
+            status = httpx.get(f"http://{base}/jobs/{job_id}").json()
+            assert abs(status["audio_seconds"] - s) < 0.1
+            words = result["words"] if "words" in result else [w for seg in result["segments"] for w in [seg]]
+            # EchoASR says one word per whole second of each chunk; a chunk done twice would repeat them
+            starts = [w["start"] for w in words]
+            assert starts == sorted(starts) and len(starts) == len(set(starts))
+            assert s - 3 <= len(words) <= s
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+class SlowASR(EchoASR):
+    def __init__(self) -> None:
+        self.file_calls = 0
+
+    def transcribe_batch(self, jobs):
+        time.sleep(0.2)  # every round keeps the device busy for 0.2 s
+        if any(len(j.audio) > 20 * 16000 for j in jobs):
+            self.file_calls += 1
+        return super().transcribe_batch(jobs)
+
+
+def _live_step():
+    segments = yield TranscribeJob(np.zeros(16000, np.float32))
+    return segments
+
+
+def test_file_work_waits_while_live_streams_keep_the_device_busy_then_completes():
+    asr = SlowASR()
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    async def main():
+        runtime = DeviceRuntime(discover(simulate="1x16").devices[0], loader, idle_unload_seconds=0)
+        await runtime.acquire()
+        scheduler = runtime.scheduler
+        live_rounds = 0
+
+        async def live(seconds: float) -> None:
+            nonlocal live_rounds
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await scheduler.submit(_live_step())
+                live_rounds += 1
+
+        live_task = asyncio.ensure_future(live(3.0))
+        await asyncio.sleep(0.5)  # live load established
+        file_chunk = asyncio.ensure_future(scheduler.submit_batch(TranscribeJob(np.zeros(25 * 16000, np.float32))))
+        await asyncio.sleep(2.0)
+        during = (file_chunk.done(), asr.file_calls, scheduler.batch_paused())
+        await live_task
+        words = await asyncio.wait_for(file_chunk, 30)  # live stopped: the chunk runs
+        runtime.shutdown()
+        return during, words, live_rounds
+
+    (done_during, calls_during, paused), words, live_rounds = asyncio.run(main())
+    assert not done_during and calls_during == 0 and paused
+    assert len([w for s in words for w in s.words]) == 25
+    assert live_rounds >= 10
