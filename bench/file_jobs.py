@@ -65,7 +65,7 @@ def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Pop
     port = free_port()
     cmd = ["streamserver", "--port", str(port), "--pcm-input", "--max-connections-per-gpu", "64",
            "--policy", args.policy, "--jobs-db", str(folder / "jobs.sqlite"), "--max-upload-mb", "2000",
-           "--idle-unload-seconds", "0"]
+           "--idle-unload-seconds", "0", "--drain-seconds", "2"]
     proc = subprocess.Popen(cmd, stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -144,7 +144,7 @@ def main() -> None:
                       f"progress {job['progress']:.2f}")
         finally:
             proc.terminate()
-            proc.wait(30)
+            proc.wait(60)
         if not args.skip_reference:
             print(f"faster-whisper BatchedInferencePipeline (int8, batch 8, same weights): "
                   f"{faster_whisper_reference(path):.1f} audio s per wall s")

@@ -39,6 +39,7 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._current: tuple[str, asyncio.Task] | None = None
         self._vad: SileroVAD | None = None  # on the CPU: cutting files never takes device time
+        self._stopping = False
         self.audio_seconds_done = 0.0
 
     @property
@@ -64,6 +65,7 @@ class JobRunner:
         self._task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -102,8 +104,8 @@ class JobRunner:
             try:
                 await task
             except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
+                if self._stopping or not task.cancelled():
+                    raise  # the server is stopping: the job stays running in the store and resumes later
                 log.info("Job %s cancelled", job.id)
             finally:
                 self._current = None

@@ -80,6 +80,7 @@ class DeviceScheduler:
         self._running = False
         self._retry: asyncio.TimerHandle | None = None
         self._live_rounds: deque[tuple[float, float]] = deque()  # (start, end) of recent live rounds
+        self._file_rounds: deque[tuple[float, float]] = deque()  # (start, end) of recent file rounds
         self.rounds = 0
         self.last_round_size = 0
         self.batch_rounds = 0
@@ -108,14 +109,11 @@ class DeviceScheduler:
     def live_duty(self, now: float | None = None) -> float:
         """Share of the recent past (up to BUSY_WINDOW seconds, since the first live round in it) the
         device spent on live rounds: near 1 as soon as live rounds run back to back."""
-        now = time.perf_counter() if now is None else now
-        while self._live_rounds and self._live_rounds[0][1] < now - BUSY_WINDOW:
-            self._live_rounds.popleft()
-        if not self._live_rounds:
-            return 0.0
-        span = max(MIN_SPAN, now - max(self._live_rounds[0][0], now - BUSY_WINDOW))
-        busy = sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in self._live_rounds)
-        return min(1.0, max(0.0, busy) / span)
+        return _duty(self._live_rounds, time.perf_counter() if now is None else now, MIN_SPAN)
+
+    def batch_share(self) -> float:
+        """Share of the last BUSY_WINDOW seconds the device spent on file work (for /gpu-status)."""
+        return _duty(self._file_rounds, time.perf_counter(), BUSY_WINDOW)
 
     def batch_paused(self) -> bool:
         """File work waits while live streams keep the device busy more than PAUSE_DUTY of the time."""
@@ -143,15 +141,17 @@ class DeviceScheduler:
             return
         batch, self._files = self._files[: self.max_batch], self._files[self.max_batch:]
         self._running = True
+        started = time.perf_counter()
         task = asyncio.ensure_future(self.runtime.run(self._batch_round, models.asr, [b.job for b in batch]))
-        task.add_done_callback(lambda t: self._batch_done(t, batch))
+        task.add_done_callback(lambda t: self._batch_done(t, batch, started))
 
     def _retry_round(self) -> None:
         self._retry = None
         self._start_round()
 
-    def _batch_done(self, task: asyncio.Future, batch: list[_BatchRequest]) -> None:
+    def _batch_done(self, task: asyncio.Future, batch: list[_BatchRequest], started: float) -> None:
         self._running = False
+        self._file_rounds.append((started, time.perf_counter()))
         if task.cancelled() or task.exception() is not None:
             error = asyncio.CancelledError() if task.cancelled() else task.exception()
             answers = [error] * len(batch)
@@ -257,6 +257,16 @@ class DeviceScheduler:
                             gpu_id, len(jobs))
                 return self._batch(asr, jobs[:half], started) + self._batch(asr, jobs[half:], started)
             return [exc] * len(jobs)
+
+
+def _duty(rounds: deque[tuple[float, float]], now: float, min_span: float) -> float:
+    while rounds and rounds[0][1] < now - BUSY_WINDOW:
+        rounds.popleft()
+    if not rounds:
+        return 0.0
+    span = max(min_span, now - max(rounds[0][0], now - BUSY_WINDOW))
+    busy = sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in rounds)
+    return min(1.0, max(0.0, busy) / span)
 
 
 def _advance(steps: Steps, answer: list[Segment] | None, first: bool = False) -> _Progress:

@@ -80,6 +80,7 @@ class Server:
             "utilization_percent": round(mem.utilization_percent, 1),
             "models_loaded": runtime.models is not None,
             "models": runtime.model_names,
+            "batch_share": round(runtime.scheduler.batch_share(), 3),
         }
 
     def gpu_status(self) -> dict:

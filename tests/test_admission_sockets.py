@@ -86,6 +86,7 @@ def test_gpu_status_shape(server_url):
     assert set(gpu0) == {
         "gpu_id", "device", "name", "active_connections", "max_connections", "allocated_memory_gb",
         "free_memory_gb", "total_memory_gb", "utilization_percent", "models_loaded", "models",
+        "batch_share",  # issue 8: the share of the device file jobs used lately
     }
     assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4
     assert gpu0["total_memory_gb"] == 16.0

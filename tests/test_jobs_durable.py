@@ -123,3 +123,21 @@ def test_file_work_waits_while_live_streams_keep_the_device_busy_then_completes(
     assert not done_during and calls_during == 0 and paused
     assert len([w for s in words for w in s.words]) == 25
     assert live_rounds >= 10
+
+
+def test_sigterm_with_a_job_running_exits_and_the_job_resumes_on_restart(tmp_path):
+    db = tmp_path / "jobs.sqlite"
+    argv = ["-m", "tests.fake_server", "--simulate-gpus", "1x16", "--jobs-db", str(db), "--drain-seconds", "2"]
+    _tone_wav(tmp_path / "f.wav", 70.0)
+    proc, base = start_server_process(argv, env=dict(os.environ, FAKE_ASR_SECONDS="0.7"))
+    with open(tmp_path / "f.wav", "rb") as f:
+        job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+    _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] in ("running", "paused"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    proc, base = start_server_process(argv)
+    try:
+        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
