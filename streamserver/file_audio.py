@@ -62,3 +62,26 @@ def cut_at_pauses(audio: np.ndarray, vad: SileroVAD, max_seconds: float = 30.0,
         start = cut
     spans.append((start, total))
     return spans
+
+
+def speaker_turns(audio: np.ndarray, diarizer, vad: SileroVAD) -> list[tuple[float, float, int]]:
+    """A whole file through a streaming diarizer at once: [(start, end, backend label)]."""
+    state = diarizer.new_state()
+    probs = vad.probabilities(vad.new_state(), audio)
+    turns = diarizer.process(state, audio[: len(probs) * WINDOW], probs) + diarizer.flush(state)
+    return [(t.start, t.end, int(t.speaker)) for t in turns]
+
+
+def with_speakers(words: list[dict], turns: list[tuple[float, float, int]]) -> list[dict]:
+    """Each word gets the speaker with the most overlap (else the nearest turn), numbered 1, 2, ...
+    in order of first appearance, as live captions number them."""
+    if not turns:
+        return words
+    numbers: dict[int, int] = {}
+    out = []
+    for w in words:
+        best = max(turns, key=lambda t: (min(t[1], w["end"]) - max(t[0], w["start"]),
+                                         -min(abs(t[0] - w["end"]), abs(t[1] - w["start"]))))
+        label = numbers.setdefault(best[2], len(numbers) + 1)
+        out.append({**w, "speaker": label})
+    return out

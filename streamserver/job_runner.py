@@ -20,7 +20,7 @@ import numpy as np
 from backends.asr_types import TranscribeJob
 from backends.vad import SileroVAD
 
-from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file
+from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file, speaker_turns
 from .job_store import Job, JobStore
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ class JobRunner:
         self._current: tuple[str, asyncio.Task] | None = None
         self._vad: SileroVAD | None = None  # on the CPU: cutting files never takes device time
         self._stopping = False
+        self._diarizer = None
         self.audio_seconds_done = 0.0
 
     @property
@@ -127,6 +128,9 @@ class JobRunner:
             finally:
                 for w in workers:
                     w.cancel()
+            if job.diarization and self.store.turns(job.id) is None:
+                turns = await asyncio.to_thread(speaker_turns, audio, self._cpu_diarizer(), self._cpu_vad())
+                self.store.set_turns(job.id, turns)
         except FileDecodeError as exc:
             self.store.set_status(job.id, "failed", str(exc))
             return
@@ -160,6 +164,14 @@ class JobRunner:
         finally:
             del models
             runtime.release()
+
+    def _cpu_diarizer(self):
+        """The offline speaker-embedding diarizer, on the CPU (files never wait for a device's)."""
+        if self._diarizer is None:
+            from backends.embedding_diarizer import EmbeddingDiarizer
+
+            self._diarizer = EmbeddingDiarizer("cpu")
+        return self._diarizer
 
     def _cpu_vad(self) -> SileroVAD:
         if self._vad is None:

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     language TEXT,
     prompt TEXT,
     diarization INTEGER NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    turns TEXT
 );
 CREATE TABLE IF NOT EXISTS chunks (
     job_id TEXT NOT NULL,
@@ -176,6 +177,15 @@ class JobStore:
             cur = self._db.execute("UPDATE chunks SET words = ? WHERE job_id = ? AND idx = ? AND words IS NULL",
                                    (json.dumps(words), job_id, idx))
             return cur.rowcount == 1
+
+    def set_turns(self, job_id: str, turns: list[tuple[float, float, int]]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET turns = ? WHERE id = ?", (json.dumps(turns), job_id))
+
+    def turns(self, job_id: str) -> list[tuple[float, float, int]] | None:
+        with self._lock:
+            row = self._db.execute("SELECT turns FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return [tuple(t) for t in json.loads(row[0])] if row and row[0] else None
 
     def words(self, job_id: str) -> list[dict]:
         with self._lock:

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import require_token
-from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file
+from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file, with_speakers
 from .job_runner import JobRunner
 from .transcript_formats import FORMATS, render
 
@@ -155,7 +155,11 @@ async def job_result(request: Request) -> Response:
     fmt = request.query_params.get("format", "json")
     if fmt not in ("json", "text", "srt", "vtt"):
         return _error("format must be json, text, srt or vtt", 400)
-    body, media = render(runner.store.words(job.id), "verbose_json" if fmt == "json" else fmt,
+    words = runner.store.words(job.id)
+    turns = runner.store.turns(job.id)
+    if turns:
+        words = with_speakers(words, turns)
+    body, media = render(words, "verbose_json" if fmt == "json" else fmt,
                          duration=job.audio_seconds, language=job.language)
     return Response(body, media_type=media)
 

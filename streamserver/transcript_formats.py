@@ -1,8 +1,9 @@
 """A file's words → the response formats of OpenAI's transcription API: json, text, srt, vtt, verbose_json.
 
 Words are plain dicts `{"word": " Hello", "start": 0.0, "end": 0.4}` (as stored per
-chunk). Segments are sentences: a segment ends after . ? or !, before a pause of
-a second or more, or at 40 words.
+chunk; with `"speaker"` when the job was diarized). Segments are sentences: a
+segment ends after . ? or !, before a pause of a second or more, where the
+speaker changes, or at 40 words.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def segments(words: list[dict]) -> list[dict]:
         current.append(w)
         nxt = words[i + 1] if i + 1 < len(words) else None
         if (nxt is None or w["word"].rstrip().endswith((".", "?", "!")) or nxt["start"] - w["end"] >= 1.0
-                or len(current) >= 40):
+                or len(current) >= 40 or nxt.get("speaker") != w.get("speaker")):
             seg = {"id": len(out), "start": round(current[0]["start"], 2), "end": round(current[-1]["end"], 2),
                    "text": "".join(x["word"] for x in current).strip()}
             if "speaker" in current[0]:

@@ -118,3 +118,31 @@ def test_the_transcribe_command_uploads_and_prints_the_transcript(server, encode
     assert out.stdout.startswith("1\n") and wer(speech_text, " ".join(
         line for line in out.stdout.splitlines() if line and not line[0].isdigit())) <= 0.15
     assert "upload" in out.stderr and "transcribe" in out.stderr
+
+
+def test_a_diarized_job_gives_each_turn_its_speaker(server, tmp_path):
+    import wave
+
+    from tests.voices import make_conversation, to_pcm16
+
+    audio, truth = make_conversation(tmp_path)
+    path = tmp_path / "conversation.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(to_pcm16(audio))
+    with open(path, "rb") as f:
+        job_id = httpx.post(f"{server}/jobs", files={"file": ("c.wav", f)}, data={"diarization": "true"},
+                            timeout=60).json()["id"]
+    deadline = time.monotonic() + 180
+    while httpx.get(f"{server}/jobs/{job_id}").json()["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    segments = httpx.get(f"{server}/jobs/{job_id}/result").json()["segments"]
+    speakers = []
+    for start, end, voice in truth:  # the speaker of the segments inside each true turn
+        inside = [s["speaker"] for s in segments if start - 0.5 <= (s["start"] + s["end"]) / 2 <= end + 0.5]
+        assert inside and len(set(inside)) == 1, (voice, segments)
+        speakers.append(inside[0])
+    assert speakers == [1, 2, 1, 2]
