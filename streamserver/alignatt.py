@@ -17,16 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-import numpy as np
-
 from backends.asr_types import Segment, TranscribeJob, Word, join_words
 
-from .policy import SAMPLE_RATE, PolicyOutput
+from .policy import PolicyOutput, UtteranceBuffer
 
 CLAUSE_END = (".", "?", "!", ",", ";", ":")
 
 
-class AlignAttPolicy:
+class AlignAttPolicy(UtteranceBuffer):
     def __init__(
         self,
         frame_threshold: float = 0.5,
@@ -36,21 +34,11 @@ class AlignAttPolicy:
         language: str | None = None,
     ) -> None:
         self.frame_threshold = frame_threshold
-        self.trim_seconds = trim_seconds
-        self.max_buffer_seconds = max_buffer_seconds
-        self.prompt_chars = prompt_chars
-        self.language = language
-        self.context = ""  # committed text that left the buffer, for prompting
-        self.start(0.0)
+        super().__init__(trim_seconds, max_buffer_seconds, prompt_chars, language)
 
     def start(self, offset: float) -> None:
-        self.offset = offset
-        self.audio = np.zeros(0, dtype=np.float32)
+        super().start(offset)
         self.committed: list[Word] = []  # committed words still inside the buffer (stream times)
-        self.processed_samples = 0
-
-    def insert_audio(self, audio: np.ndarray) -> None:
-        self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
 
     def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
         """Decode past the committed prefix; commit what the attention says was heard."""
@@ -76,30 +64,9 @@ class AlignAttPolicy:
         self.start(self.end_time)
         return committed
 
-    # -- the same read-outs as LocalAgreementPolicy ----------------------
-    @property
-    def buffer_seconds(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-    @property
-    def end_time(self) -> float:
-        return self.offset + self.buffer_seconds
-
-    @property
-    def processed_until(self) -> float:
-        return self.offset + self.processed_samples / SAMPLE_RATE
-
-    @property
-    def unprocessed_seconds(self) -> float:
-        return (len(self.audio) - self.processed_samples) / SAMPLE_RATE
-
     # -- helpers ----------------------------------------------------------
     def _prompt(self) -> str:
         return self.context[-self.prompt_chars:].strip()
-
-    def _remember(self, words: list[Word]) -> None:
-        if words:
-            self.context = (self.context + "".join(w.text for w in words))[-4 * self.prompt_chars:]
 
     def _trim(self) -> None:
         """Cut the buffer at the last committed clause end (any committed word end when far too long)."""
@@ -115,8 +82,4 @@ class AlignAttPolicy:
             return
         gone, self.committed = self.committed[: cut + 1], self.committed[cut + 1:]
         self._remember(gone)
-        n = int(round((gone[-1].end - self.offset) * SAMPLE_RATE))
-        n = max(0, min(n, len(self.audio)))
-        self.audio = self.audio[n:]
-        self.processed_samples = max(0, self.processed_samples - n)
-        self.offset += n / SAMPLE_RATE
+        self._cut(gone[-1].end)

@@ -75,7 +75,57 @@ class PolicyOutput:
     tentative: list[Word]
 
 
-class LocalAgreementPolicy:
+class UtteranceBuffer:
+    """What both streaming policies keep of an utterance: its audio since `offset` (stream
+    seconds), how much of it Whisper has seen, and the committed text for prompting."""
+
+    def __init__(self, trim_seconds: float, max_buffer_seconds: float, prompt_chars: int,
+                 language: str | None) -> None:
+        self.language = language
+        self.trim_seconds = trim_seconds
+        self.max_buffer_seconds = max_buffer_seconds
+        self.prompt_chars = prompt_chars
+        self.context = ""  # committed text of the whole stream, for prompting
+        self.start(0.0)
+
+    def start(self, offset: float) -> None:
+        self.offset = offset
+        self.audio = np.zeros(0, dtype=np.float32)
+        self.processed_samples = 0
+
+    def insert_audio(self, audio: np.ndarray) -> None:
+        self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
+
+    @property
+    def buffer_seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    @property
+    def end_time(self) -> float:
+        return self.offset + self.buffer_seconds
+
+    @property
+    def processed_until(self) -> float:
+        return self.offset + self.processed_samples / SAMPLE_RATE
+
+    @property
+    def unprocessed_seconds(self) -> float:
+        return (len(self.audio) - self.processed_samples) / SAMPLE_RATE
+
+    def _remember(self, words: list[Word]) -> None:
+        if words:
+            self.context = (self.context + "".join(w.text for w in words))[-4 * self.prompt_chars:]
+
+    def _cut(self, t: float) -> None:
+        """Drop the audio before stream time `t`."""
+        n = int(round((t - self.offset) * SAMPLE_RATE))
+        n = max(0, min(n, len(self.audio)))
+        self.audio = self.audio[n:]
+        self.processed_samples = max(0, self.processed_samples - n)
+        self.offset += n / SAMPLE_RATE
+
+
+class LocalAgreementPolicy(UtteranceBuffer):
     """One utterance's streaming transcription: insert audio, process, finish.
 
     `start(t)` begins a new utterance at stream time `t` (the VAD calls it);
@@ -94,23 +144,13 @@ class LocalAgreementPolicy:
         language: str | None = None,
     ) -> None:
         self.transcribe = transcribe
-        self.language = language
-        self.trim_seconds = trim_seconds
-        self.max_buffer_seconds = max_buffer_seconds
-        self.prompt_chars = prompt_chars
-        self.context = ""  # committed text of the whole stream, for prompting
-        self.start(0.0)
+        super().__init__(trim_seconds, max_buffer_seconds, prompt_chars, language)
 
     def start(self, offset: float) -> None:
-        self.offset = offset
-        self.audio = np.zeros(0, dtype=np.float32)
+        super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset)
-        self.processed_samples = 0
 
     # -- the three verbs ------------------------------------------------
-    def insert_audio(self, audio: np.ndarray) -> None:
-        self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
-
     def process(self) -> PolicyOutput:
         return drive(self.process_steps(), self._answer)
 
@@ -148,30 +188,10 @@ class LocalAgreementPolicy:
             raise RuntimeError("no transcribe function: drive process_steps() from a scheduler")
         return self.transcribe(job.audio, job.prompt)
 
-    @property
-    def buffer_seconds(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-    @property
-    def end_time(self) -> float:
-        return self.offset + self.buffer_seconds
-
-    @property
-    def processed_until(self) -> float:
-        return self.offset + self.processed_samples / SAMPLE_RATE
-
-    @property
-    def unprocessed_seconds(self) -> float:
-        return (len(self.audio) - self.processed_samples) / SAMPLE_RATE
-
     def _flush(self) -> list[Word]:
         words = self.hypothesis.flush()
         self._remember(words)
         return words
-
-    def _remember(self, words: list[Word]) -> None:
-        if words:
-            self.context = (self.context + "".join(w.text for w in words))[-4 * self.prompt_chars:]
 
     def _prompt(self) -> str:
         """Committed text that is no longer in the audio buffer (so it isn't transcribed twice)."""
@@ -188,9 +208,5 @@ class LocalAgreementPolicy:
             self._cut(ends[-1])
 
     def _cut(self, t: float) -> None:
-        n = int(round((t - self.offset) * SAMPLE_RATE))
-        n = max(0, min(n, len(self.audio)))
-        self.audio = self.audio[n:]
-        self.processed_samples = max(0, self.processed_samples - n)
-        self.offset += n / SAMPLE_RATE
+        super()._cut(t)
         self.hypothesis.forget_before(self.offset)

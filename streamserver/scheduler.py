@@ -10,9 +10,9 @@ the device's worker thread, and answers their Whisper calls together:
     → send each step its answer; repeat until every step has returned.
 
 File chunks (`submit_batch`) are a second, lower class: a round of them runs
-only when no live step is waiting and live rounds have kept the device busy
-less than half of the last five seconds; otherwise they wait (the job shows
-`paused`) and are looked at again every half second.
+only when no live step is waiting and live rounds have used less than half of
+the device time that file rounds left over the last five seconds; otherwise
+they wait (the job shows `paused`) and are looked at again every half second.
 
 Each connection has at most one step in flight, so every round serves every
 waiting connection once: no stream starves, and when the device falls behind
@@ -45,6 +45,7 @@ BUSY_WINDOW = 5.0  # seconds over which the live streams' share of the device is
 PAUSE_DUTY = 0.5  # file work pauses while live rounds fill more than this share
 RETRY_SECONDS = 0.5  # how often paused file work looks again
 MIN_SPAN = 0.5  # seconds: a single short live round does not read as a busy device
+FILE_GRACE = 0.05  # seconds after a live round in which its streams get to ask again before file work
 
 
 @dataclass
@@ -107,9 +108,12 @@ class DeviceScheduler:
         return len(self._waiting)
 
     def live_duty(self, now: float | None = None) -> float:
-        """Share of the recent past (up to BUSY_WINDOW seconds, since the first live round in it) the
-        device spent on live rounds: near 1 as soon as live rounds run back to back."""
-        return _duty(self._live_rounds, time.perf_counter() if now is None else now, MIN_SPAN)
+        """Share of the device's recent time not taken by file rounds (up to BUSY_WINDOW seconds,
+        since the first live round in it) that live rounds used: near 1 as soon as live rounds run
+        back to back, whether or not file rounds were slipped in between them."""
+        now = time.perf_counter() if now is None else now
+        files = _busy(self._file_rounds, now)
+        return _duty(self._live_rounds, now, MIN_SPAN, minus=files)
 
     def batch_share(self) -> float:
         """Share of the last BUSY_WINDOW seconds the device spent on file work (for /gpu-status)."""
@@ -134,6 +138,10 @@ class DeviceScheduler:
             return
         self._files = [b for b in self._files if not b.future.done()]  # cancelled jobs free their work
         if not self._files or models is None:
+            return
+        since_live = time.perf_counter() - self._live_rounds[-1][1] if self._live_rounds else FILE_GRACE
+        if since_live < FILE_GRACE:  # the streams just served have not asked again yet: let them first
+            asyncio.get_running_loop().call_later(FILE_GRACE - since_live, self._start_round)
             return
         if self.batch_paused():
             if self._retry is None:
@@ -259,14 +267,20 @@ class DeviceScheduler:
             return [exc] * len(jobs)
 
 
-def _duty(rounds: deque[tuple[float, float]], now: float, min_span: float) -> float:
+def _busy(rounds: deque[tuple[float, float]], now: float) -> float:
+    """Seconds of the last BUSY_WINDOW that `rounds` took (dropping older ones)."""
     while rounds and rounds[0][1] < now - BUSY_WINDOW:
         rounds.popleft()
+    return max(0.0, sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in rounds))
+
+
+def _duty(rounds: deque[tuple[float, float]], now: float, min_span: float, minus: float = 0.0) -> float:
+    """`rounds`' share of the span since the first of them (at most BUSY_WINDOW), less `minus` seconds."""
+    busy = _busy(rounds, now)
     if not rounds:
         return 0.0
-    span = max(min_span, now - max(rounds[0][0], now - BUSY_WINDOW))
-    busy = sum(min(end, now) - max(start, now - BUSY_WINDOW) for start, end in rounds)
-    return min(1.0, max(0.0, busy) / span)
+    span = max(min_span, now - max(rounds[0][0], now - BUSY_WINDOW) - minus)
+    return min(1.0, busy / span)
 
 
 def _advance(steps: Steps, answer: list[Segment] | None, first: bool = False) -> _Progress:

@@ -141,3 +141,41 @@ def test_sigterm_with_a_job_running_exits_and_the_job_resumes_on_restart(tmp_pat
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_file_work_already_running_yields_once_live_streams_fill_the_device():
+    """File chunks slipped between live rounds must not hide how busy the live streams keep the device."""
+    asr = SlowASR()
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    async def main():
+        runtime = DeviceRuntime(discover(simulate="1x16").devices[0], loader, idle_unload_seconds=0)
+        await runtime.acquire()
+        scheduler = runtime.scheduler
+        chunks = [asyncio.ensure_future(scheduler.submit_batch(TranscribeJob(np.zeros(25 * 16000, np.float32))))
+                  for _ in range(40)]
+        await asyncio.sleep(0.5)  # file work is running
+        started_with = asr.file_calls
+        stop = time.monotonic() + 3.0
+
+        async def live_stream():
+            while time.monotonic() < stop:
+                await scheduler.submit(_live_step())
+
+        live = [asyncio.ensure_future(live_stream()) for _ in range(4)]
+        await asyncio.sleep(1.0)  # live load established
+        settled = asr.file_calls
+        await asyncio.gather(*live)
+        during = asr.file_calls - settled
+        await asyncio.wait_for(asyncio.gather(*chunks), 60)
+        runtime.shutdown()
+        return started_with, during, asr.file_calls
+
+    started_with, during, total = asyncio.run(main())
+    assert started_with >= 1  # files ran while the device was free
+    assert during <= 1  # at most one more round once live rounds ran back to back for 2 s
+    assert total >= 1 and total <= 40
