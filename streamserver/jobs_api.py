@@ -76,19 +76,28 @@ async def _check_audio(path: Path) -> float | JSONResponse:
     return len(audio) / SAMPLE_RATE
 
 
-@require_token
-async def openai_transcriptions(request: Request) -> Response:
+async def _accept_file(request: Request) -> tuple[Path, dict, float] | JSONResponse:
+    """The upload saved and decoded once: (path, form fields, seconds of audio), or the error answer."""
     received = await _receive_upload(request)
     if isinstance(received, JSONResponse):
         return received
     path, fields = received
+    seconds = await _check_audio(path)
+    if isinstance(seconds, JSONResponse):
+        return seconds
+    return path, fields, seconds
+
+
+@require_token
+async def openai_transcriptions(request: Request) -> Response:
+    accepted = await _accept_file(request)
+    if isinstance(accepted, JSONResponse):
+        return accepted
+    path, fields, seconds = accepted
     fmt = fields.get("response_format", "json")
     if fmt not in FORMATS:
         path.unlink(missing_ok=True)
         return _error(f"response_format must be one of {', '.join(FORMATS)}", 400)
-    seconds = await _check_audio(path)
-    if isinstance(seconds, JSONResponse):
-        return seconds
     server = request.app.state.server
     if seconds > server.config.sync_max_seconds:
         path.unlink(missing_ok=True)
@@ -115,13 +124,10 @@ async def openai_transcriptions(request: Request) -> Response:
 
 @require_token
 async def create_job(request: Request) -> Response:
-    received = await _receive_upload(request)
-    if isinstance(received, JSONResponse):
-        return received
-    path, fields = received
-    seconds = await _check_audio(path)
-    if isinstance(seconds, JSONResponse):
-        return seconds
+    accepted = await _accept_file(request)
+    if isinstance(accepted, JSONResponse):
+        return accepted
+    path, fields, _ = accepted
     runner: JobRunner = request.app.state.server.jobs
     job = runner.store.create(str(path), language=fields.get("language") or None,
                               diarization=fields.get("diarization", "").lower() == "true")
