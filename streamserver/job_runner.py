@@ -3,7 +3,8 @@
 For the oldest unfinished job: decode the file and cut it at speech pauses (once;
 the cut is stored), then one worker per device takes the next unfinished chunk
 and hands it to that device's scheduler as file work (`submit_batch`): it runs
-only in capacity live streams leave. Each chunk's words are stored as soon as it
+only in capacity live streams leave, and while live streams share the device it
+goes in pieces of at most 8 s, so one file round never holds them up long. Each chunk's words are stored as soon as it
 is done, so a restarted server resumes at the first unfinished chunk. While a
 device's live load holds file work back, the job shows `paused`.
 """
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("streamserver.jobs")
+
+SHARED_PIECE_SECONDS = 8.0  # the longest file piece one round runs while live streams share the device
 
 
 class JobRunner:
@@ -151,10 +154,12 @@ class JobRunner:
                 idx, start, end = pending.get_nowait()
                 if runtime.scheduler.batch_paused():
                     self.store.set_status(job.id, "paused")
-                piece = audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]
-                segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language))
-                words = [{"word": w.text, "start": round(start + w.start, 3), "end": round(start + w.end, 3)}
-                         for s in segments for w in s.words]
+                words = []
+                for a, b in await self._pieces(audio, start, end, runtime):
+                    piece = audio[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)]
+                    segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language))
+                    words += [{"word": w.text, "start": round(a + w.start, 3), "end": round(a + w.end, 3)}
+                              for s in segments for w in s.words]
                 if not self.store.chunk_done(job.id, idx, words):
                     return  # deleted meanwhile
                 self.audio_seconds_done += end - start
@@ -164,6 +169,17 @@ class JobRunner:
         finally:
             del models
             runtime.release()
+
+    async def _pieces(self, audio: np.ndarray, start: float, end: float, runtime) -> list[tuple[float, float]]:
+        """How a chunk goes to the device: whole on a device without live streams; with some, in pieces
+        of at most SHARED_PIECE_SECONDS cut at pauses, so a file round never holds a live stream up long.
+        The chunk is still stored (and resumed) as one unit."""
+        if self.server.allocator.active(runtime.device.id) == 0 or end - start <= SHARED_PIECE_SECONDS:
+            return [(start, end)]
+        chunk = audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]
+        spans = await asyncio.to_thread(cut_at_pauses, chunk, self._cpu_vad(), SHARED_PIECE_SECONDS,
+                                        SHARED_PIECE_SECONDS / 2)
+        return [(start + a, start + b) for a, b in spans]
 
     def _cpu_diarizer(self):
         """The offline speaker-embedding diarizer, on the CPU (files never wait for a device's)."""

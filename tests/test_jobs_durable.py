@@ -179,3 +179,41 @@ def test_file_work_already_running_yields_once_live_streams_fill_the_device():
     assert started_with >= 1  # files ran while the device was free
     assert during <= 1  # at most one more round once live rounds ran back to back for 2 s
     assert total >= 1 and total <= 40
+
+
+def test_with_live_streams_on_the_device_a_chunk_goes_in_short_pieces(tmp_path):
+    """A 30-s chunk is one file round on an idle device, but pieces of at most 8 s beside live streams."""
+    from streamserver.app import create_app
+    from streamserver.config import ServerConfig
+    from streamserver.job_runner import SHARED_PIECE_SECONDS
+    from tests.live import open_asr, recv_json, serve_app
+
+    seen: list[float] = []
+
+    class Recording(EchoASR):
+        def transcribe_batch(self, jobs):
+            seen.extend(len(j.audio) / 16000 for j in jobs if len(j.audio) > 16000 * 2)
+            return super().transcribe_batch(jobs)
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = Recording()
+        return models
+
+    _tone_wav(tmp_path / "f.wav", 28.0)
+    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True, jobs_db=str(tmp_path / "j.sqlite")), loader)
+    with serve_app(app) as base:
+        def run_job() -> None:
+            with open(tmp_path / "f.wav", "rb") as f:
+                job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+            _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+
+        run_job()
+        alone = list(seen)
+        seen.clear()
+        ws = open_asr(base)  # a live stream on the device (idle: it sends nothing)
+        recv_json(ws)
+        run_job()
+        ws.close()
+    assert alone == [28.0]
+    assert len(seen) >= 4 and max(seen) <= SHARED_PIECE_SECONDS + 1e-6 and abs(sum(seen) - 28.0) < 0.1
