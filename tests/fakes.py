@@ -75,6 +75,19 @@ def fake_loader(device: Device) -> DeviceModels:
                         model_bytes=100 * 2**20, stream_bytes=2**20)
 
 
+def runtime_with(asr):
+    """A simulated device's runtime whose fake models use `asr` (scheduler tests)."""
+    from gpu_manager import discover
+    from streamserver.runtime import DeviceRuntime
+
+    def loader(device: Device) -> DeviceModels:
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    return DeviceRuntime(discover(simulate="1x16").devices[0], loader, idle_unload_seconds=0)
+
+
 @dataclass
 class _LevelState:
     covered_until: float = 0.0

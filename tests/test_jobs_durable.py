@@ -12,9 +12,7 @@ import httpx
 import numpy as np
 
 from backends.asr_types import TranscribeJob
-from gpu_manager import discover
-from streamserver.runtime import DeviceRuntime
-from tests.fakes import EchoASR, fake_loader
+from tests.fakes import EchoASR, fake_loader, runtime_with
 from tests.live import start_server_process
 
 
@@ -91,13 +89,8 @@ def _live_step():
 def test_file_work_waits_while_live_streams_keep_the_device_busy_then_completes():
     asr = SlowASR()
 
-    def loader(device):
-        models = fake_loader(device)
-        models.asr = asr
-        return models
-
     async def main():
-        runtime = DeviceRuntime(discover(simulate="1x16").devices[0], loader, idle_unload_seconds=0)
+        runtime = runtime_with(asr)
         await runtime.acquire()
         scheduler = runtime.scheduler
         live_rounds = 0
@@ -147,13 +140,8 @@ def test_file_work_already_running_yields_once_live_streams_fill_the_device():
     """File chunks slipped between live rounds must not hide how busy the live streams keep the device."""
     asr = SlowASR()
 
-    def loader(device):
-        models = fake_loader(device)
-        models.asr = asr
-        return models
-
     async def main():
-        runtime = DeviceRuntime(discover(simulate="1x16").devices[0], loader, idle_unload_seconds=0)
+        runtime = runtime_with(asr)
         await runtime.acquire()
         scheduler = runtime.scheduler
         chunks = [asyncio.ensure_future(scheduler.submit_batch(TranscribeJob(np.zeros(25 * 16000, np.float32))))

@@ -8,17 +8,12 @@ import time
 import numpy as np
 import torch
 
-from backends.asr_types import Segment, TranscribeJob, Word
-from gpu_manager import discover
+from backends.asr_types import TranscribeJob
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
-from streamserver.runtime import DeviceRuntime
 from streamserver.server import auto_limit
-from tests.fakes import EchoASR, fake_loader, tone
+from tests.fakes import EchoASR, fake_loader, runtime_with, tone
 from tests.live import drain_until_closed, open_asr, recv_json, serve_app
-
-DEVICE = discover(simulate="1x16").devices[0]
-
 
 class RecordingASR(EchoASR):
     """Records each batch it is given; optionally runs out of memory above `fits` streams."""
@@ -35,15 +30,6 @@ class RecordingASR(EchoASR):
         if self.fits is not None and len(jobs) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().transcribe_batch(jobs)
-
-
-def _runtime(asr) -> DeviceRuntime:
-    def loader(device):
-        models = fake_loader(device)
-        models.asr = asr
-        return models
-
-    return DeviceRuntime(DEVICE, loader, idle_unload_seconds=0)
 
 
 def _steps(seconds: float, fail: bool = False):
@@ -65,20 +51,20 @@ def _serve(runtime, generators):
 
 def test_streams_waiting_together_are_answered_in_one_batch():
     asr = RecordingASR()
-    results = _serve(_runtime(asr), [_steps(s) for s in (1, 2, 3, 4, 5, 6)])
+    results = _serve(runtime_with(asr), [_steps(s) for s in (1, 2, 3, 4, 5, 6)])
     assert asr.batches == [6]
     assert results == [[f" w{i}" for i in range(n)] for n in (1, 2, 3, 4, 5, 6)]
 
 
 def test_one_sessions_failure_is_its_own():
-    results = _serve(_runtime(RecordingASR()), [_steps(2), _steps(2, fail=True), _steps(3)])
+    results = _serve(runtime_with(RecordingASR()), [_steps(2), _steps(2, fail=True), _steps(3)])
     assert results[0] == [" w0", " w1"] and results[2] == [" w0", " w1", " w2"]
     assert isinstance(results[1], ValueError)
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits():
     asr = RecordingASR(fits=2)
-    results = _serve(_runtime(asr), [_steps(1) for _ in range(8)])
+    results = _serve(runtime_with(asr), [_steps(1) for _ in range(8)])
     assert results == [[" w0"]] * 8
     assert asr.batches[0] == 8 and max(asr.batches[1:]) <= 4 and sum(b for b in asr.batches if b <= 2) == 8
 
@@ -90,7 +76,7 @@ def test_a_stream_that_cannot_run_even_alone_gets_the_error_and_others_their_ans
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return super().transcribe_batch(jobs)
 
-    results = _serve(_runtime(PickyASR()), [_steps(1), _steps(5), _steps(2)])
+    results = _serve(runtime_with(PickyASR()), [_steps(1), _steps(5), _steps(2)])
     assert results[0] == [" w0"] and results[2] == [" w0", " w1"]
     assert isinstance(results[1], torch.cuda.OutOfMemoryError)
 
