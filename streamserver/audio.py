@@ -114,7 +114,7 @@ class ContainerDecoder:
         for pk in packets:
             ctx = self._ctx = self._ctx or self._open(pk.offset)
             try:
-                frames = ctx.decode(av.Packet(pk.data))
+                frames = ctx.decode(_padded_packet(pk.data))
             except (av.error.FFmpegError, ValueError) as e:
                 raise AudioDecodeError(f"invalid {ctx.name} packet at byte {pk.offset}: {e}")
             n = sum(f.samples for f in frames)
@@ -143,6 +143,18 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
         return _EMPTY
     pcm = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
     return np.clip(pcm, -1.0, 1.0, out=pcm)
+
+
+def _padded_packet(data: bytes) -> av.Packet:
+    """A packet owning a copy of data followed by FFmpeg's zeroed input padding.
+
+    av.Packet(bytes) points at the bytes object itself, with no padding after it;
+    decoders read a little past the end, so their output then depended on whatever
+    followed in memory (the same stream decoded differently from run to run).
+    """
+    pkt = av.Packet(len(data))  # av_new_packet: zeroed padding
+    memoryview(pkt)[:] = data
+    return pkt
 
 
 def _slice(frame: av.AudioFrame, lo: int, hi: int) -> av.AudioFrame | None:
