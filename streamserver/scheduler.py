@@ -180,7 +180,9 @@ class DeviceScheduler:
         answers = self._transcribe(asr, jobs, started)
         self.batch_audio_seconds += sum(len(j.audio) for j in jobs) / 16000
         if self.runtime.metrics is not None:
-            self.runtime.metrics.observe_compute(self.runtime.device.id, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.runtime.metrics.observe_compute(self.runtime.device.id, took)
+            self.runtime.metrics.file_compute(self.runtime.device.id, took)
         return answers
 
     def _round_done(self, task: asyncio.Future, requests: list[_Request], started: float) -> None:

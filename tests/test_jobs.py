@@ -93,8 +93,20 @@ def test_a_job_runs_to_done_and_its_result_comes_in_every_format(server, encoded
     assert wer(speech_text, result["text"]) <= 0.15 and result["segments"]
     assert wer(speech_text, httpx.get(f"{server}/jobs/{job_id}/result?format=text").text) <= 0.15
     assert job_id in [j["id"] for j in httpx.get(f"{server}/jobs?status=done").json()["jobs"]]
+    metrics = _samples(httpx.get(f"{server}/metrics").text)
+    assert metrics['streamserver_jobs{status="done"}'] >= 1
+    assert metrics['streamserver_file_audio_processed_seconds_total{gpu_id="0"}'] >= status["audio_seconds"]
+    assert metrics['streamserver_file_device_seconds_total{gpu_id="0"}'] > 0
+    assert "streamserver_file_throughput_ratio" in metrics
+    assert 0.0 <= httpx.get(f"{server}/gpu-status").json()["gpus"][0]["batch_share"] <= 1.0
     assert httpx.delete(f"{server}/jobs/{job_id}").status_code == 204
     assert httpx.get(f"{server}/jobs/{job_id}").status_code == 404
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text exposition → {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_bad_files_sizes_and_ids_get_their_status_codes(server, tmp_path):
