@@ -4,7 +4,9 @@ For the oldest unfinished job: decode the file and cut it at speech pauses (once
 the cut is stored), then one worker per device takes the next unfinished chunk
 and hands it to that device's scheduler as file work (`submit_batch`): it runs
 only in capacity live streams leave, and while live streams share the device it
-goes in pieces of at most 8 s, so one file round never holds them up long. Each chunk's words are stored as soon as it
+goes in pieces of at most 8 s, so one file round never holds them up long. A
+device takes as many chunks at once as its scheduler's `file_slots` (they batch
+where file rounds stay short). Each chunk's words are stored as soon as it
 is done, so a restarted server resumes at the first unfinished chunk. While a
 device's live load holds file work back, the job shows `paused`.
 """
@@ -148,33 +150,49 @@ class JobRunner:
             log.info("Job %s done", job.id)
 
     async def _worker(self, job: Job, audio: np.ndarray, pending: asyncio.Queue, runtime) -> None:
+        """Feeds one device chunks of the job, as many at once as its scheduler's `file_slots` allow."""
         models = await runtime.acquire()  # loads the device's models if needed; keeps them loaded
+        running: set[asyncio.Task] = set()
         try:
-            while not pending.empty():
-                idx, start, end = pending.get_nowait()
-                if runtime.scheduler.batch_paused():
-                    self.store.set_status(job.id, "paused")
-                words = []
-                for a, b in await self._pieces(audio, start, end, runtime):
-                    piece = audio[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)]
-                    segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language))
-                    words += [{"word": w.text, "start": round(a + w.start, 3), "end": round(a + w.end, 3)}
-                              for s in segments for w in s.words]
-                if not self.store.chunk_done(job.id, idx, words):
+            while not pending.empty() or running:
+                shared = self.server.allocator.active(runtime.device.id) > 0
+                while not pending.empty() and len(running) < runtime.scheduler.file_slots(shared):
+                    chunk = pending.get_nowait()
+                    running.add(asyncio.ensure_future(self._chunk(job, audio, chunk, runtime, shared)))
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                if not all(task.result() for task in done):
                     return  # deleted meanwhile
-                self.audio_seconds_done += end - start
-                if self.server.metrics is not None:
-                    self.server.metrics.file_audio(runtime.device.id, end - start)
-                self.store.set_status(job.id, "running")
         finally:
+            for task in running:
+                task.cancel()
             del models
             runtime.release()
 
-    async def _pieces(self, audio: np.ndarray, start: float, end: float, runtime) -> list[tuple[float, float]]:
-        """How a chunk goes to the device: whole on a device without live streams; with some, in pieces
-        of at most SHARED_PIECE_SECONDS cut at pauses, so a file round never holds a live stream up long.
-        The chunk is still stored (and resumed) as one unit."""
-        if self.server.allocator.active(runtime.device.id) == 0 or end - start <= SHARED_PIECE_SECONDS:
+    async def _chunk(self, job: Job, audio: np.ndarray, chunk: tuple[int, float, float], runtime,
+                     shared: bool) -> bool:
+        """One chunk through the device's file lane and into the store; False if the job is gone."""
+        idx, start, end = chunk
+        if runtime.scheduler.batch_paused():
+            self.store.set_status(job.id, "paused")
+        words = []
+        for a, b in await self._pieces(audio, start, end, shared):
+            piece = audio[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)]
+            segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language), shared)
+            words += [{"word": w.text, "start": round(a + w.start, 3), "end": round(a + w.end, 3)}
+                      for s in segments for w in s.words]
+        if not self.store.chunk_done(job.id, idx, words):
+            return False
+        self.audio_seconds_done += end - start
+        if self.server.metrics is not None:
+            self.server.metrics.file_audio(runtime.device.id, end - start)
+        self.store.set_status(job.id, "running")
+        return True
+
+    async def _pieces(self, audio: np.ndarray, start: float, end: float, shared: bool) -> list[tuple[float, float]]:
+        """How a chunk goes to the device: whole on a device without live streams; with some (`shared`), in
+        pieces of at most SHARED_PIECE_SECONDS cut at pauses, so a file round never holds a live stream up
+        long. The chunk is still stored (and resumed) as one unit."""
+        if not shared or end - start <= SHARED_PIECE_SECONDS:
             return [(start, end)]
         chunk = audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]
         spans = await asyncio.to_thread(cut_at_pauses, chunk, self._cpu_vad(), SHARED_PIECE_SECONDS,

@@ -13,6 +13,8 @@ File chunks (`submit_batch`) are a second, lower class: a round of them runs
 only when no live step is waiting and live rounds have used less than half of
 the device time that file rounds left over the last five seconds; otherwise
 they wait (the job shows `paused`) and are looked at again every half second.
+Waiting chunks share a round (up to --max-batch); `file_slots` tells the job
+runner how many to keep in flight so that a file round stays short.
 
 Each connection has at most one step in flight, so every round serves every
 waiting connection once: no stream starves, and when the device falls behind
@@ -46,6 +48,9 @@ PAUSE_DUTY = 0.5  # file work pauses while live rounds fill more than this share
 RETRY_SECONDS = 0.5  # how often paused file work looks again
 MIN_SPAN = 0.5  # seconds: a single short live round does not read as a busy device
 FILE_GRACE = 0.05  # seconds after a live round in which its streams get to ask again before file work
+# The longest a file round should take (on an idle device / beside live streams): a live step that arrives
+# meanwhile waits for it. File batches grow while rounds stay under half of this and shrink above it.
+FILE_ROUND_SECONDS = {False: 2.0, True: 0.5}
 
 
 @dataclass
@@ -61,6 +66,7 @@ class _BatchRequest:
 
     job: TranscribeJob
     future: asyncio.Future
+    shared: bool = False  # submitted while live streams were on the device
 
 
 @dataclass
@@ -86,6 +92,7 @@ class DeviceScheduler:
         self.last_round_size = 0
         self.batch_rounds = 0
         self.batch_audio_seconds = 0.0
+        self._file_slots = {False: 1, True: 1}
 
     async def submit(self, steps: Steps) -> Any:
         """Run a session's `step()`/`finish()` generator in the next round; its return value."""
@@ -95,13 +102,20 @@ class DeviceScheduler:
         loop.call_soon(self._start_round)  # steps submitted in the same tick share the round
         return await future
 
-    async def submit_batch(self, job: TranscribeJob) -> list[Segment]:
-        """Transcribe one chunk of a file when the live streams leave room (never before them)."""
+    async def submit_batch(self, job: TranscribeJob, shared: bool = False) -> list[Segment]:
+        """Transcribe one chunk of a file when the live streams leave room (never before them);
+        `shared`: live streams are on the device, so the round should stay short."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._files.append(_BatchRequest(job, future))
+        self._files.append(_BatchRequest(job, future, shared))
         loop.call_soon(self._start_round)
         return await future
+
+    def file_slots(self, shared: bool) -> int:
+        """How many file pieces to keep in flight on this device. It grows while file rounds stay short,
+        so files batch where the device has room (a GPU), and shrinks when they get long (a CPU stays
+        at one), so a live step never waits long behind a file round."""
+        return self._file_slots[shared]
 
     @property
     def waiting(self) -> int:
@@ -159,7 +173,9 @@ class DeviceScheduler:
 
     def _batch_done(self, task: asyncio.Future, batch: list[_BatchRequest], started: float) -> None:
         self._running = False
-        self._file_rounds.append((started, time.perf_counter()))
+        ended = time.perf_counter()
+        self._file_rounds.append((started, ended))
+        self._adapt_file_slots(ended - started, len(batch), any(b.shared for b in batch))
         if task.cancelled() or task.exception() is not None:
             error = asyncio.CancelledError() if task.cancelled() else task.exception()
             answers = [error] * len(batch)
@@ -173,6 +189,13 @@ class DeviceScheduler:
             else:
                 request.future.set_result(answer)
         self._start_round()
+
+    def _adapt_file_slots(self, took: float, size: int, shared: bool) -> None:
+        slots, target = self._file_slots[shared], FILE_ROUND_SECONDS[shared]
+        if took > target and slots > 1:
+            self._file_slots[shared] = max(1, min(slots, size) // 2)
+        elif took < target / 2 and size >= slots:
+            self._file_slots[shared] = min(self.max_batch, slots * 2)
 
     def _batch_round(self, asr: Any, jobs: list[TranscribeJob]) -> list[list[Segment] | BaseException]:
         started = time.perf_counter()

@@ -205,3 +205,42 @@ def test_with_live_streams_on_the_device_a_chunk_goes_in_short_pieces(tmp_path):
         ws.close()
     assert alone == [28.0]
     assert len(seen) >= 4 and max(seen) <= SHARED_PIECE_SECONDS + 1e-6 and abs(sum(seen) - 28.0) < 0.1
+
+
+def test_file_chunks_batch_where_rounds_are_short_and_go_one_at_a_time_where_they_are_long(tmp_path):
+    """A device with room (short file rounds) takes several chunks per round; a slow one stays at one,
+    so a live stream arriving never waits behind a long batch of file work."""
+    from streamserver.app import create_app
+    from streamserver.config import ServerConfig
+    from tests.live import serve_app
+
+    def batches_for(seconds_per_call: float, file_seconds: float) -> list[int]:
+        sizes: list[int] = []
+
+        class Timed(EchoASR):
+            def transcribe_batch(self, jobs):
+                sizes.append(len(jobs))
+                time.sleep(seconds_per_call)
+                return super().transcribe_batch(jobs)
+
+        def loader(device):
+            models = fake_loader(device)
+            models.asr = Timed()
+            return models
+
+        _tone_wav(tmp_path / "f.wav", file_seconds)
+        db = tmp_path / f"j{seconds_per_call}.sqlite"
+        app = create_app(ServerConfig(simulate_gpus="1x16", jobs_db=str(db)), loader)
+        with serve_app(app) as base:
+            with open(tmp_path / "f.wav", "rb") as f:
+                job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+            _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+            words = httpx.get(f"http://{base}/jobs/{job_id}/result").json()["words"]
+        # EchoASR: a word per whole second of each chunk, so each chunk's fraction of a second is lost
+        assert len(words) == len({w["start"] for w in words}) and 0.9 * file_seconds <= len(words) <= file_seconds
+        return sizes
+
+    fast = batches_for(0.01, 600.0)  # about 20 chunks of at most 30 s
+    assert sum(fast) >= 20 and max(fast) >= 4
+    slow = batches_for(1.5, 90.0)  # each round longer than half the 2-s target: no growth
+    assert len(slow) >= 3 and set(slow) == {1}
