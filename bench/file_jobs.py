@@ -49,11 +49,13 @@ def long_file(folder: Path, minutes: float) -> Path:
         pcm = load_pcm16k(str(raw))
         pieces.append(np.frombuffer(pcm, "<i2"))
     gap = np.zeros(8000, "<i2")
-    out, total, k = [], 0, 0
+    out, total, k, words = [], 0, 0, []
     while total < minutes * 60 * 16000:
         out += [pieces[k % len(pieces)], gap]
+        words.append(SENTENCES[k % len(pieces)])
         total += len(pieces[k % len(pieces)]) + len(gap)
         k += 1
+    (folder / "long.txt").write_text(" ".join(words))  # what it says
     path = folder / "long.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)

@@ -158,3 +158,41 @@ def test_a_diarized_job_gives_each_turn_its_speaker(server, tmp_path):
         assert inside and len(set(inside)) == 1, (voice, segments)
         speakers.append(inside[0])
     assert speakers == [1, 2, 1, 2]
+
+
+def test_a_long_job_finishes_after_a_sigkill_and_restart_from_its_last_finished_chunk(tiny_en_checkpoint, tmp_path):
+    """The real model: a 2-minute file, the server killed with SIGKILL part way, restarted."""
+    import signal
+
+    from bench.file_jobs import long_file
+    from tests.live import start_server_process
+
+    path = long_file(tmp_path, 2.0)
+    argv = ["-m", "streamserver", "--model", str(tiny_en_checkpoint), "--jobs-db", str(tmp_path / "j.sqlite")]
+    proc, base = start_server_process(argv)
+    try:
+        with open(path, "rb") as f:
+            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("long.wav", f)}, timeout=60).json()["id"]
+        deadline = time.monotonic() + 300
+        while not 0 < (before := httpx.get(f"http://{base}/jobs/{job_id}").json()["progress"]) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, base = start_server_process(argv)
+    try:
+        after_restart = httpx.get(f"http://{base}/jobs/{job_id}").json()["progress"]
+        deadline = time.monotonic() + 300
+        while (status := httpx.get(f"http://{base}/jobs/{job_id}").json())["status"] != "done":
+            assert status["status"] != "failed" and time.monotonic() < deadline, status
+            time.sleep(0.2)
+        result = httpx.get(f"http://{base}/jobs/{job_id}/result").json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert after_restart >= before  # the chunks done before the kill were kept
+    assert abs(status["audio_seconds"] - 120) < 10
+    assert wer((tmp_path / "long.txt").read_text(), result["text"]) <= 0.15
+    starts = [w["start"] for w in result["words"]]
+    assert starts == sorted(starts) and len(starts) == len(set(starts))  # no chunk's words twice
