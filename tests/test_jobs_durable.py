@@ -244,3 +244,33 @@ def test_file_chunks_batch_where_rounds_are_short_and_go_one_at_a_time_where_the
     assert sum(fast) >= 20 and max(fast) >= 4
     slow = batches_for(1.5, 90.0)  # each round longer than half the 2-s target: no growth
     assert len(slow) >= 3 and set(slow) == {1}
+
+
+def test_every_device_works_on_one_long_file_at_once(tmp_path):
+    from streamserver.app import create_app
+    from streamserver.config import ServerConfig
+    from tests.live import serve_app
+
+    by_device: dict[int, int] = {}
+
+    def loader(device):
+        class OnDevice(EchoASR):
+            def transcribe_batch(self, jobs):
+                by_device[device.id] = by_device.get(device.id, 0) + len(jobs)
+                time.sleep(0.2)
+                return super().transcribe_batch(jobs)
+
+        models = fake_loader(device)
+        models.asr = OnDevice()
+        return models
+
+    _tone_wav(tmp_path / "f.wav", 300.0)  # about 10 chunks
+    app = create_app(ServerConfig(simulate_gpus="2x16", jobs_db=str(tmp_path / "j.sqlite")), loader)
+    with serve_app(app) as base:
+        with open(tmp_path / "f.wav", "rb") as f:
+            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+        words = httpx.get(f"http://{base}/jobs/{job_id}/result").json()["words"]
+    assert sorted(by_device) == [0, 1] and min(by_device.values()) >= 2, by_device
+    starts = [w["start"] for w in words]
+    assert starts == sorted(starts) and len(starts) == len(set(starts)) and len(starts) >= 270
