@@ -93,6 +93,11 @@ class BatchedWhisper:
         if encoder_bf16 if encoder_bf16 is not None else (not self.fp16 and _cpu_has_bf16(self.device)):
             _to_dtype(self.model.encoder, torch.bfloat16)
             self.encoder_dtype = torch.bfloat16
+        # The vocabulary projection reads the whole embedding matrix every step. On the CPU it is
+        # memory-bound, and x @ W.T with W stored [vocab, d] runs about 2.5x slower than x @ Wt with
+        # Wt stored [d, vocab]: keep that copy (80 MB for tiny). CUDA keeps the shared weight.
+        self._vocab_t = (self.model.decoder.token_embedding.weight.to(self.dtype).T.contiguous()
+                         if self.device.type == "cpu" else None)
         self._filters = mel_filters(model.device, dims.n_mels)
         self._window = torch.hann_window(N_FFT, device=model.device)
         heads = model.alignment_heads.to_dense() if model.alignment_heads.is_sparse else model.alignment_heads
@@ -240,11 +245,11 @@ class BatchedWhisper:
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
         tok = self._tokenizer(None)
-        tokens = torch.full((len(frames), 1), tok.sot, device=self.device)
+        tokens = torch.full((len(windows), 1), tok.sot, device=self.device)
         cross = self._cross_kv(encoded)
         logits, _ = self._forward(tokens, torch.zeros_like(tokens), None, cross, self._cross_mask(windows, encoded), False)
         lang_ids = torch.tensor(tok.all_language_tokens, device=self.device)
-        best = logits[:, -1, lang_ids].argmax(-1).tolist()
+        best = logits[:, lang_ids].argmax(-1).tolist()
         return [tok.all_language_codes[i] for i in best]
 
     def _decode(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
@@ -279,7 +284,7 @@ class BatchedWhisper:
         mask = (causal[None] & buf.key_ok[:B, None, :L0])[:, None]
         logits, attn = self._forward(tokens, positions, (cache, 0, mask), cross, buf.cross_ok[:B, :, :, :T],
                                      self._capture())
-        last = logits[:, -1] + buf.suppress
+        last = logits + buf.suppress
         last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
         first = last.argmax(-1)
         heard = self._attended(attn, buf.audio_ok[:B, :, :T])
@@ -342,7 +347,7 @@ class BatchedWhisper:
                 self._step = DecoderStep(self.model, buf, self._align, use_graphs=True)
             return self._step.buf, self._step
         buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
-        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False)
+        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocab_t)
 
     def _capture(self) -> bool:
         return bool(self._align)
@@ -395,7 +400,9 @@ class BatchedWhisper:
         """Decoder forward over `tokens` [B, n] at `positions`; writes the self-attention cache.
 
         `self_attn` is (cache, slot, mask) or None (no cache: a one-token probe).
-        Returns logits [B, n, vocab] and the alignment heads' weights [B, H, n, T] (or None).
+        Returns the last position's logits [B, vocab] (all that is ever read: projecting every
+        prompt position onto the vocabulary cost more than the rest of the prefill) and the alignment
+        heads' weights [B, H, n, T] (or None).
         """
         dec = self.model.decoder
         x = (dec.token_embedding(tokens) + dec.positional_embedding[positions]).to(self.dtype)
@@ -426,8 +433,14 @@ class BatchedWhisper:
             x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
-        logits = (x @ dec.token_embedding.weight.to(x.dtype).T).float()
+        logits = (x[:, -1] @ self._vocabulary(x.dtype)).float()
         return logits, (torch.cat(captured, dim=1) if captured else None)
+
+    def _vocabulary(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [d, vocab] projection onto the vocabulary (see `_vocab_t`)."""
+        if self._vocab_t is not None:
+            return self._vocab_t
+        return self.model.decoder.token_embedding.weight.to(dtype).T
 
     def _suppress_ids(self, tok: Tokenizer) -> torch.Tensor:
         key = id(tok)

@@ -63,8 +63,9 @@ class DecoderStep:
     """Runs the decoder step on `StepBuffers` for the first `n` rows; on CUDA, one graph per `n`."""
 
     def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
-                 use_graphs: bool) -> None:
+                 use_graphs: bool, vocabulary: torch.Tensor | None = None) -> None:
         self.model, self.buf, self.align = model, buffers, align
+        self.vocabulary = vocabulary  # [d, vocab] projection, if the engine keeps one (the CPU)
         self.align_heads: dict[int, list[int]] = {}  # per layer: the heads whose attention times words
         for layer, head in align:
             self.align_heads.setdefault(layer, []).append(head)
@@ -121,14 +122,18 @@ class DecoderStep:
         heads = self.model.dims.n_text_head
         pos = b.pos[:n].clamp(max=b.text_ctx - 1)
         x = (dec.token_embedding(b.token[:n]) + dec.positional_embedding[pos]).to(b.self_k[0].dtype)
-        visible = (b.key_ok[:n] & (b.slots[None, :] <= b.slot))[:, None, None, :]
+        # A graph needs fixed shapes, so it attends over every cache slot (masked); an eager step on
+        # the CPU, where reading the slot costs nothing, attends only over the slots written so far.
+        upto = int(b.slot) + 1 if not self.use_graphs and b.slot.device.type == "cpu" else b.text_ctx
+        visible = (b.key_ok[:n, :upto] & (b.slots[None, :upto] <= b.slot))[:, None, None, :]
         captured = []
         for layer, block in enumerate(dec.blocks):
             h = block.attn_ln(x)
             q = split_heads(block.attn.query(h), heads)
             b.self_k[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.key(h), heads))
             b.self_v[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.value(h), heads))
-            a = F.scaled_dot_product_attention(q, b.self_k[layer][:n], b.self_v[layer][:n], attn_mask=visible)
+            kc, vc = b.self_k[layer][:n, :, :upto], b.self_v[layer][:n, :, :upto]
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible)
             x = x + block.attn.out(merge_heads(a))
             h = block.cross_attn_ln(x)
             q = split_heads(block.cross_attn.query(h), heads)
@@ -140,7 +145,8 @@ class DecoderStep:
             x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
-        logits = (x[:, -1] @ dec.token_embedding.weight.to(x.dtype).T).float() + b.suppress
+        vocabulary = self.vocabulary if self.vocabulary is not None else dec.token_embedding.weight.to(x.dtype).T
+        logits = (x[:, -1] @ vocabulary).float() + b.suppress
         nxt = logits.argmax(-1)
         if captured:
             attn = torch.cat(captured, dim=1)
