@@ -65,3 +65,18 @@ def test_fp16_weights_run_with_float32_layer_norms():
     out = engine.transcribe_batch([TranscribeJob(np.random.default_rng(0).standard_normal(16000).astype(np.float32))])
     assert next(engine.model.parameters()).dtype == torch.float16
     assert len([w for s in out[0] for w in s.words]) >= 1
+
+
+def test_a_multilingual_model_without_a_language_detects_one_per_stream():
+    """`--language auto`: each row's language comes from the model's own language-token guess."""
+    torch.manual_seed(0)
+    engine = BatchedWhisper(Whisper(dims_for("tiny")), None)
+    engine.force_tokens_per_second = 3.0
+    engine.max_tokens_per_second = 3.0
+    noise = np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32)
+    out = engine.transcribe_batch([TranscribeJob(noise), TranscribeJob(noise[:16000], language="de")])
+    assert len(out) == 2 and all(len([w for s in segs for w in s.words]) >= 1 for segs in out)
+    from whisper.tokenizer import LANGUAGES
+
+    used = set(engine._tokenizers) - {None}  # None: the tokenizer the detection itself used
+    assert "de" in used and used <= set(LANGUAGES)
