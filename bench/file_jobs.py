@@ -67,7 +67,8 @@ def long_file(folder: Path, minutes: float) -> Path:
 
 def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = ["streamserver", "--port", str(port), "--pcm-input", "--max-connections-per-gpu", "64",
+    # The device admits exactly the live streams measured: "at capacity" is a full device.
+    cmd = ["streamserver", "--port", str(port), "--pcm-input", "--max-connections-per-gpu", str(args.live_streams),
            "--policy", args.policy, "--jobs-db", str(folder / "jobs.sqlite"), "--max-upload-mb", "2000",
            "--idle-unload-seconds", "0", "--drain-seconds", "2"]
     proc = subprocess.Popen(cmd, stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT)

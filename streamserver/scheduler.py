@@ -10,9 +10,9 @@ the device's worker thread, and answers their Whisper calls together:
     → send each step its answer; repeat until every step has returned.
 
 File chunks (`submit_batch`) are a second, lower class: a round of them runs
-only when no live step is waiting and live rounds have used less than half of
-the device time that file rounds left over the last five seconds; otherwise
-they wait (the job shows `paused`) and are looked at again every half second.
+only when no live step is waiting, the device is not full of live connections,
+and live rounds have used less than half of the device time that file rounds
+left over the last five seconds; otherwise they wait (the job shows `paused`) and are looked at again every half second.
 Waiting chunks share a round (up to --max-batch); `file_slots` tells the job
 runner how many to keep in flight so that a file round stays short.
 
@@ -31,7 +31,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from backends.asr_types import Segment, Steps, TranscribeJob
 from backends.vad import VadJob
@@ -93,6 +93,8 @@ class DeviceScheduler:
         self.batch_rounds = 0
         self.batch_audio_seconds = 0.0
         self._file_slots = {False: 1, True: 1}
+        # Set by the server: whether the device holds as many live connections as it admits.
+        self.is_full: Callable[[], bool] = lambda: False
 
     async def submit(self, steps: Steps) -> Any:
         """Run a session's `step()`/`finish()` generator in the next round; its return value."""
@@ -134,8 +136,9 @@ class DeviceScheduler:
         return _duty(self._file_rounds, time.perf_counter(), BUSY_WINDOW)
 
     def batch_paused(self) -> bool:
-        """File work waits while live streams keep the device busy more than PAUSE_DUTY of the time."""
-        return self.live_duty() > PAUSE_DUTY
+        """File work waits while the device is full of live connections (the operator's measure of its
+        capacity), or while live streams keep it busy more than PAUSE_DUTY of the time."""
+        return self.is_full() or self.live_duty() > PAUSE_DUTY
 
     # -- event loop side ------------------------------------------------
     def _start_round(self) -> None:

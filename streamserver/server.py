@@ -55,6 +55,8 @@ class Server:
             d.id: DeviceRuntime(d, loader, config.idle_unload_seconds, memory.account, metrics, config.max_batch)
             for d in inventory.devices
         }
+        for d in inventory.devices:  # a device full of live connections runs no file work
+            runtimes[d.id].scheduler.is_full = partial(_device_full, allocator, d.id)
         if auto:
             for d in inventory.devices:
                 runtimes[d.id].on_loaded = partial(_derive_limit, allocator, memory, d, config.gpu_memory_fraction)
@@ -112,6 +114,10 @@ def auto_limit(total_bytes: int, used_bytes: int, stream_bytes: int, fraction: f
     """Connections that fit in `fraction` of the device beside what is already used (the weights)."""
     room = total_bytes * fraction - used_bytes
     return max(1, int(room // max(stream_bytes, 1)))
+
+
+def _device_full(allocator: Allocator, device_id: int) -> bool:
+    return allocator.active(device_id) >= allocator.limit(device_id)
 
 
 def _derive_limit(allocator: Allocator, memory: MemoryMonitor, device: Device, fraction: float, models) -> None:

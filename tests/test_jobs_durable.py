@@ -274,3 +274,40 @@ def test_every_device_works_on_one_long_file_at_once(tmp_path):
     assert sorted(by_device) == [0, 1] and min(by_device.values()) >= 2, by_device
     starts = [w["start"] for w in words]
     assert starts == sorted(starts) and len(starts) == len(set(starts)) and len(starts) >= 270
+
+
+def test_a_device_full_of_live_connections_runs_no_file_work_until_one_leaves(tmp_path):
+    from streamserver.app import create_app
+    from streamserver.config import ServerConfig
+    from tests.live import open_asr, recv_json, serve_app
+
+    file_calls: list[int] = []
+
+    class Counting(EchoASR):
+        def transcribe_batch(self, jobs):
+            file_calls.extend(len(j.audio) for j in jobs if len(j.audio) > 16000 * 5)
+            return super().transcribe_batch(jobs)
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = Counting()
+        return models
+
+    _tone_wav(tmp_path / "f.wav", 40.0)
+    config = ServerConfig(simulate_gpus="1x16", pcm_input=True, max_connections_per_gpu=2,
+                          jobs_db=str(tmp_path / "j.sqlite"))
+    with serve_app(create_app(config, loader)) as base:
+        streams = [open_asr(base) for _ in range(2)]  # the device's two slots, taken (quiet streams)
+        for ws in streams:
+            recv_json(ws)
+        with open(tmp_path / "f.wav", "rb") as f:
+            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "paused")
+        time.sleep(1.5)
+        held = (httpx.get(f"http://{base}/jobs/{job_id}").json(), list(file_calls))
+        streams[0].close()  # a slot is free again: the file runs beside the other stream
+        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+        streams[1].close()
+    status, calls = held
+    assert status["status"] == "paused" and status["progress"] == 0 and calls == []
+    assert file_calls
