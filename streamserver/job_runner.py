@@ -35,6 +35,7 @@ log = logging.getLogger("streamserver.jobs")
 # streams (0.4 s for tiny.en on a 2-core CPU). Measured there, 15-s chunks eight to a batch did 54 audio
 # seconds per second against 24 for 30-s chunks one at a time, with the same words.
 CHUNK_SECONDS = 15.0
+RETRY_SECONDS = 0.5  # how often a worker held back by live load looks again
 
 
 class JobRunner:
@@ -154,32 +155,50 @@ class JobRunner:
             log.info("Job %s done", job.id)
 
     async def _worker(self, job: Job, audio: np.ndarray, pending: asyncio.Queue, runtime) -> None:
-        """Feeds one device chunks of the job, as many at once as its scheduler's `file_slots` allow."""
+        """Feeds one device chunks of the job, as many at once as its scheduler's `file_slots` allow.
+
+        A device whose live load holds file work back takes no new chunks, and hands the ones still
+        waiting in its scheduler back to the queue when another device can run them: a long file
+        goes to the devices with room instead of waiting on a busy one."""
         models = await runtime.acquire()  # loads the device's models if needed; keeps them loaded
-        running: set[asyncio.Task] = set()
+        scheduler = runtime.scheduler
+        running: dict[asyncio.Task, tuple[tuple[int, float, float], TranscribeJob]] = {}
         try:
             while not pending.empty() or running:
-                shared = self.server.allocator.active(runtime.device.id) > 0
-                while not pending.empty() and len(running) < runtime.scheduler.file_slots(shared):
-                    chunk = pending.get_nowait()
-                    running.add(asyncio.ensure_future(self._chunk(job, audio, chunk, runtime, shared)))
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                if not all(task.result() for task in done):
-                    return  # deleted meanwhile
+                if not scheduler.batch_paused():
+                    shared = self.server.allocator.active(runtime.device.id) > 0
+                    while not pending.empty() and len(running) < scheduler.file_slots(shared):
+                        chunk = pending.get_nowait()
+                        request = TranscribeJob(audio[int(chunk[1] * SAMPLE_RATE):int(chunk[2] * SAMPLE_RATE)],
+                                                "", job.language)
+                        task = asyncio.ensure_future(self._chunk(job, chunk, request, runtime, shared))
+                        running[task] = (chunk, request)
+                else:
+                    if all(rt.scheduler.batch_paused() for rt in self.server.runtimes.values()):
+                        self.store.set_status(job.id, "paused")
+                    elif running:
+                        for task, (chunk, request) in list(running.items()):
+                            if scheduler.withdraw(request):  # not begun here: let a free device have it
+                                pending.put_nowait(chunk)
+                if not running:
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                done, _ = await asyncio.wait(running, timeout=RETRY_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+                    if not task.cancelled() and not task.result():
+                        return  # deleted meanwhile
         finally:
             for task in running:
                 task.cancel()
             del models
             runtime.release()
 
-    async def _chunk(self, job: Job, audio: np.ndarray, chunk: tuple[int, float, float], runtime,
+    async def _chunk(self, job: Job, chunk: tuple[int, float, float], request: TranscribeJob, runtime,
                      shared: bool) -> bool:
         """One chunk through the device's file lane and into the store; False if the job is gone."""
         idx, start, end = chunk
-        if runtime.scheduler.batch_paused():
-            self.store.set_status(job.id, "paused")
-        piece = audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]
-        segments = await runtime.scheduler.submit_batch(TranscribeJob(piece, "", job.language), shared)
+        segments = await runtime.scheduler.submit_batch(request, shared)
         words = [{"word": w.text, "start": round(start + w.start, 3), "end": round(start + w.end, 3)}
                  for s in segments for w in s.words]
         if not self.store.chunk_done(job.id, idx, words):

@@ -113,6 +113,15 @@ class DeviceScheduler:
         loop.call_soon(self._start_round)
         return await future
 
+    def withdraw(self, job: TranscribeJob) -> bool:
+        """Take back file work that has not begun (its `submit_batch` is cancelled); False if it has."""
+        for request in self._files:
+            if request.job is job and not request.future.done():
+                self._files.remove(request)
+                request.future.cancel()
+                return True
+        return False
+
     def file_slots(self, shared: bool) -> int:
         """How many file pieces to keep in flight on this device. It grows while file rounds stay short,
         so files batch where the device has room (a GPU), and shrinks when they get long (a CPU stays

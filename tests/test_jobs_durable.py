@@ -306,3 +306,65 @@ def test_a_device_full_of_live_connections_runs_no_file_work_until_one_leaves(tm
     status, calls = held
     assert status["status"] == "paused" and status["progress"] == 0 and calls == []
     assert file_calls
+
+
+def test_a_device_that_fills_with_live_streams_leaves_the_rest_of_the_file_to_a_free_one(tmp_path):
+    from streamserver.app import create_app
+    from streamserver.config import ServerConfig
+    from tests.live import open_asr, recv_json, serve_app
+
+    calls: list[tuple[int, float]] = []  # (device, time) of each file call
+
+    def loader(device):
+        class OnDevice(EchoASR):
+            def transcribe_batch(self, jobs):
+                if any(len(j.audio) > 16000 * 5 for j in jobs):
+                    calls.append((device.id, time.monotonic()))
+                time.sleep(0.3)
+                return super().transcribe_batch(jobs)
+
+        models = fake_loader(device)
+        models.asr = OnDevice()
+        return models
+
+    _tone_wav(tmp_path / "f.wav", 240.0)
+    config = ServerConfig(simulate_gpus="2x16", pcm_input=True, max_connections_per_gpu=1,
+                          jobs_db=str(tmp_path / "j.sqlite"))
+    with serve_app(create_app(config, loader)) as base:
+        with open(tmp_path / "f.wav", "rb") as f:
+            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+        _wait(lambda: {d for d, _ in calls} == {0, 1})  # both devices at work on the file
+        ws = open_asr(base)  # fills one device
+        busy = recv_json(ws)["gpu_id"]
+        full_at = time.monotonic()
+        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+        ws.close()
+    after = [d for d, t in calls if t > full_at + 0.35]  # rounds begun after the device filled (plus one in flight)
+    assert after and busy not in after
+
+
+def test_file_work_not_yet_begun_can_be_withdrawn_from_a_held_back_device():
+    asr = SlowASR()
+
+    async def main():
+        runtime = runtime_with(asr)
+        await runtime.acquire()
+        scheduler = runtime.scheduler
+        scheduler.is_full = lambda: True  # full of live connections: file work waits
+        held = TranscribeJob(np.zeros(25 * 16000, np.float32))
+        waiting = asyncio.ensure_future(scheduler.submit_batch(held))
+        await asyncio.sleep(0.3)
+        first = scheduler.withdraw(held)
+        await asyncio.gather(waiting, return_exceptions=True)
+        scheduler.is_full = lambda: False
+        again = TranscribeJob(np.zeros(25 * 16000, np.float32))
+        running = asyncio.ensure_future(scheduler.submit_batch(again))
+        await asyncio.sleep(0.1)  # its round has begun (it takes 0.2 s)
+        late = scheduler.withdraw(again)
+        words = await running
+        runtime.shutdown()
+        return first, waiting.cancelled(), late, words
+
+    first, cancelled, late, words = asyncio.run(main())
+    assert first and cancelled and asr.file_calls == 1  # only the second chunk ever ran
+    assert not late and len([w for s in words for w in s.words]) == 25
