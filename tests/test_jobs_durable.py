@@ -7,13 +7,18 @@ import os
 import signal
 import time
 import wave
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
 
 from backends.asr_types import TranscribeJob
+from bench.file_jobs import long_file
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from streamserver.job_runner import CHUNK_SECONDS
 from tests.fakes import EchoASR, fake_loader, runtime_with
-from tests.live import start_server_process
+from tests.live import open_asr, recv_json, serve_app, start_server_process
 
 
 def _tone_wav(path, seconds: float) -> None:
@@ -169,33 +174,52 @@ def test_file_work_already_running_yields_once_live_streams_fill_the_device():
     assert total >= 1 and total <= 40
 
 
-def test_a_file_is_cut_at_its_pauses_into_chunks_of_at_most_15_s(tmp_path):
-    from bench.file_jobs import long_file
-    from streamserver.app import create_app
-    from streamserver.config import ServerConfig
-    from streamserver.job_runner import CHUNK_SECONDS
-    from tests.live import serve_app
+class _Reporting(EchoASR):
+    """EchoASR on one device that reports each batch (`on_batch(device_id, jobs)`) and takes
+    `seconds` per call."""
 
-    seen: list[int] = []
+    def __init__(self, device_id: int, on_batch, seconds: float) -> None:
+        self.device_id, self.on_batch, self.seconds = device_id, on_batch, seconds
 
-    class Recording(EchoASR):
-        def transcribe_batch(self, jobs):
-            seen.extend(len(j.audio) for j in jobs)
-            return super().transcribe_batch(jobs)
+    def transcribe_batch(self, jobs):
+        self.on_batch(self.device_id, jobs)
+        time.sleep(self.seconds)
+        return super().transcribe_batch(jobs)
 
+
+@contextmanager
+def _jobs_server(tmp_path, on_batch, seconds: float = 0.0, db: str = "j.sqlite", **config):
+    """A served app on fake models whose ASR is `_Reporting`; yields its http:// base."""
     def loader(device):
         models = fake_loader(device)
-        models.asr = Recording()
+        models.asr = _Reporting(device.id, on_batch, seconds)
         return models
 
+    settings = {"simulate_gpus": "1x16", "pcm_input": True, **config}
+    with serve_app(create_app(ServerConfig(jobs_db=str(tmp_path / db), **settings), loader)) as base:
+        yield f"http://{base}"
+
+
+def _submit(base: str, path) -> str:
+    with open(path, "rb") as f:
+        return httpx.post(f"{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+
+
+def _status(base: str, job_id: str) -> dict:
+    return httpx.get(f"{base}/jobs/{job_id}").json()
+
+
+def _wait_status(base: str, job_id: str, status: str) -> None:
+    _wait(lambda: _status(base, job_id)["status"] == status)
+
+
+def test_a_file_is_cut_at_its_pauses_into_chunks_of_at_most_15_s(tmp_path):
+    seen: list[int] = []
     path = long_file(tmp_path, 1.0)  # espeak sentences, 0.5 s of silence after each
     with wave.open(str(path)) as w:
         audio = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-    app = create_app(ServerConfig(simulate_gpus="1x16", jobs_db=str(tmp_path / "j.sqlite")), loader)
-    with serve_app(app) as base:
-        with open(path, "rb") as f:
-            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
-        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+    with _jobs_server(tmp_path, lambda _, jobs: seen.extend(len(j.audio) for j in jobs)) as base:
+        _wait_status(base, _submit(base, path), "done")
     assert sum(seen) == len(audio) and max(seen) <= CHUNK_SECONDS * 16000 and len(seen) >= 4
     for cut in np.cumsum(seen)[:-1]:  # every cut falls in a pause
         around = audio[max(0, cut - 1600):cut + 1600]
@@ -205,103 +229,58 @@ def test_a_file_is_cut_at_its_pauses_into_chunks_of_at_most_15_s(tmp_path):
 def test_file_chunks_batch_where_rounds_are_short_and_go_one_at_a_time_where_they_are_long(tmp_path):
     """A device with room (short file rounds) takes several chunks per round; a slow one stays at one,
     so a live stream arriving never waits behind a long batch of file work."""
-    from streamserver.app import create_app
-    from streamserver.config import ServerConfig
-    from tests.live import serve_app
 
     def batches_for(seconds_per_call: float, file_seconds: float) -> list[int]:
         sizes: list[int] = []
-
-        class Timed(EchoASR):
-            def transcribe_batch(self, jobs):
-                sizes.append(len(jobs))
-                time.sleep(seconds_per_call)
-                return super().transcribe_batch(jobs)
-
-        def loader(device):
-            models = fake_loader(device)
-            models.asr = Timed()
-            return models
-
         _tone_wav(tmp_path / "f.wav", file_seconds)
-        db = tmp_path / f"j{seconds_per_call}.sqlite"
-        app = create_app(ServerConfig(simulate_gpus="1x16", jobs_db=str(db)), loader)
-        with serve_app(app) as base:
-            with open(tmp_path / "f.wav", "rb") as f:
-                job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
-            _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
-            words = httpx.get(f"http://{base}/jobs/{job_id}/result").json()["words"]
+        with _jobs_server(tmp_path, lambda _, jobs: sizes.append(len(jobs)), seconds_per_call,
+                          db=f"j{seconds_per_call}.sqlite") as base:
+            job_id = _submit(base, tmp_path / "f.wav")
+            _wait_status(base, job_id, "done")
+            words = httpx.get(f"{base}/jobs/{job_id}/result").json()["words"]
         # EchoASR: a word per whole second of each chunk, so each chunk's fraction of a second is lost
         assert len(words) == len({w["start"] for w in words}) and 0.9 * file_seconds <= len(words) <= file_seconds
         return sizes
 
-    fast = batches_for(0.01, 600.0)  # about 20 chunks of at most 30 s
+    fast = batches_for(0.01, 600.0)  # 40 to 80 chunks of 7.5 to 15 s
     assert sum(fast) >= 20 and max(fast) >= 4
     slow = batches_for(1.5, 45.0)  # each round longer than half the 2-s target: no growth
     assert len(slow) >= 3 and set(slow) == {1}
 
 
 def test_every_device_works_on_one_long_file_at_once(tmp_path):
-    from streamserver.app import create_app
-    from streamserver.config import ServerConfig
-    from tests.live import serve_app
-
     by_device: dict[int, int] = {}
 
-    def loader(device):
-        class OnDevice(EchoASR):
-            def transcribe_batch(self, jobs):
-                by_device[device.id] = by_device.get(device.id, 0) + len(jobs)
-                time.sleep(0.2)
-                return super().transcribe_batch(jobs)
+    def count(device_id, jobs):
+        by_device[device_id] = by_device.get(device_id, 0) + len(jobs)
 
-        models = fake_loader(device)
-        models.asr = OnDevice()
-        return models
-
-    _tone_wav(tmp_path / "f.wav", 300.0)  # about 10 chunks
-    app = create_app(ServerConfig(simulate_gpus="2x16", jobs_db=str(tmp_path / "j.sqlite")), loader)
-    with serve_app(app) as base:
-        with open(tmp_path / "f.wav", "rb") as f:
-            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
-        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
-        words = httpx.get(f"http://{base}/jobs/{job_id}/result").json()["words"]
+    _tone_wav(tmp_path / "f.wav", 300.0)
+    with _jobs_server(tmp_path, count, 0.2, simulate_gpus="2x16") as base:
+        job_id = _submit(base, tmp_path / "f.wav")
+        _wait_status(base, job_id, "done")
+        words = httpx.get(f"{base}/jobs/{job_id}/result").json()["words"]
     assert sorted(by_device) == [0, 1] and min(by_device.values()) >= 2, by_device
     starts = [w["start"] for w in words]
     assert starts == sorted(starts) and len(starts) == len(set(starts)) and len(starts) >= 270
 
 
 def test_a_device_full_of_live_connections_runs_no_file_work_until_one_leaves(tmp_path):
-    from streamserver.app import create_app
-    from streamserver.config import ServerConfig
-    from tests.live import open_asr, recv_json, serve_app
-
     file_calls: list[int] = []
 
-    class Counting(EchoASR):
-        def transcribe_batch(self, jobs):
-            file_calls.extend(len(j.audio) for j in jobs if len(j.audio) > 16000 * 5)
-            return super().transcribe_batch(jobs)
-
-    def loader(device):
-        models = fake_loader(device)
-        models.asr = Counting()
-        return models
+    def count(_, jobs):
+        file_calls.extend(len(j.audio) for j in jobs if len(j.audio) > 16000 * 5)
 
     _tone_wav(tmp_path / "f.wav", 40.0)
-    config = ServerConfig(simulate_gpus="1x16", pcm_input=True, max_connections_per_gpu=2,
-                          jobs_db=str(tmp_path / "j.sqlite"))
-    with serve_app(create_app(config, loader)) as base:
-        streams = [open_asr(base) for _ in range(2)]  # the device's two slots, taken (quiet streams)
+    with _jobs_server(tmp_path, count, max_connections_per_gpu=2) as base:
+        streams = [open_asr(base.removeprefix("http://")) for _ in range(2)]  # both slots, quiet streams
         for ws in streams:
             recv_json(ws)
-        with open(tmp_path / "f.wav", "rb") as f:
-            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
-        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "paused")
+        job_id = _submit(base, tmp_path / "f.wav")
+        _wait_status(base, job_id, "paused")
         time.sleep(1.5)
-        held = (httpx.get(f"http://{base}/jobs/{job_id}").json(), list(file_calls))
+        held = (_status(base, job_id), list(file_calls))
         streams[0].close()  # a slot is free again: the file runs beside the other stream
-        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+        _wait_status(base, job_id, "done")
         streams[1].close()
     status, calls = held
     assert status["status"] == "paused" and status["progress"] == 0 and calls == []
@@ -309,35 +288,20 @@ def test_a_device_full_of_live_connections_runs_no_file_work_until_one_leaves(tm
 
 
 def test_a_device_that_fills_with_live_streams_leaves_the_rest_of_the_file_to_a_free_one(tmp_path):
-    from streamserver.app import create_app
-    from streamserver.config import ServerConfig
-    from tests.live import open_asr, recv_json, serve_app
-
     calls: list[tuple[int, float]] = []  # (device, time) of each file call
 
-    def loader(device):
-        class OnDevice(EchoASR):
-            def transcribe_batch(self, jobs):
-                if any(len(j.audio) > 16000 * 5 for j in jobs):
-                    calls.append((device.id, time.monotonic()))
-                time.sleep(0.3)
-                return super().transcribe_batch(jobs)
-
-        models = fake_loader(device)
-        models.asr = OnDevice()
-        return models
+    def note(device_id, jobs):
+        if any(len(j.audio) > 16000 * 5 for j in jobs):
+            calls.append((device_id, time.monotonic()))
 
     _tone_wav(tmp_path / "f.wav", 240.0)
-    config = ServerConfig(simulate_gpus="2x16", pcm_input=True, max_connections_per_gpu=1,
-                          jobs_db=str(tmp_path / "j.sqlite"))
-    with serve_app(create_app(config, loader)) as base:
-        with open(tmp_path / "f.wav", "rb") as f:
-            job_id = httpx.post(f"http://{base}/jobs", files={"file": ("f.wav", f)}, timeout=30).json()["id"]
+    with _jobs_server(tmp_path, note, 0.3, simulate_gpus="2x16", max_connections_per_gpu=1) as base:
+        job_id = _submit(base, tmp_path / "f.wav")
         _wait(lambda: {d for d, _ in calls} == {0, 1})  # both devices at work on the file
-        ws = open_asr(base)  # fills one device
+        ws = open_asr(base.removeprefix("http://"))  # fills one device
         busy = recv_json(ws)["gpu_id"]
         full_at = time.monotonic()
-        _wait(lambda: httpx.get(f"http://{base}/jobs/{job_id}").json()["status"] == "done")
+        _wait_status(base, job_id, "done")
         ws.close()
     after = [d for d, t in calls if t > full_at + 0.35]  # rounds begun after the device filled (plus one in flight)
     assert after and busy not in after
