@@ -6,8 +6,9 @@ unfinished chunks and hands them to that device's scheduler as file work
 (`submit_batch`): they run only in capacity live streams leave. A device takes as
 many chunks at once as its scheduler's `file_slots`, so they batch where file
 rounds stay short and go one by one where they do not. Each chunk's words are
-stored as soon as it is done, so a restarted server resumes at the first unfinished chunk. While a
-device's live load holds file work back, the job shows `paused`.
+stored as soon as it is done, so a restarted server resumes at the first
+unfinished chunk. While every device's live load holds file work back, the job
+shows `paused`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from backends.vad import SileroVAD
 
 from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file, speaker_turns
 from .job_store import Job, JobStore
+from .scheduler import RETRY_SECONDS
 
 if TYPE_CHECKING:
     from .server import Server
@@ -32,10 +34,9 @@ log = logging.getLogger("streamserver.jobs")
 
 # Files are cut at pauses into chunks of 7.5-15 s: the unit stored (and resumed) and the unit batched.
 # Half of Whisper's 30-s window: twice as many rows to batch, and one chunk is a short round beside live
-# streams (0.4 s for tiny.en on a 2-core CPU). Measured there, 15-s chunks eight to a batch did 54 audio
-# seconds per second against 24 for 30-s chunks one at a time, with the same words.
+# streams (0.4 s for tiny.en on a 2-core CPU). Measured there on the engine alone, 15-s chunks eight to a
+# batch did 54 audio seconds per second against 24 for 30-s chunks one at a time, with the same words.
 CHUNK_SECONDS = 15.0
-RETRY_SECONDS = 0.5  # how often a worker held back by live load looks again
 
 
 class JobRunner:

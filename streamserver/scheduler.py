@@ -12,9 +12,10 @@ the device's worker thread, and answers their Whisper calls together:
 File chunks (`submit_batch`) are a second, lower class: a round of them runs
 only when no live step is waiting, the device is not full of live connections,
 and live rounds have used less than half of the device time that file rounds
-left over the last five seconds; otherwise they wait (the job shows `paused`) and are looked at again every half second.
-Waiting chunks share a round (up to --max-batch); `file_slots` tells the job
-runner how many to keep in flight so that a file round stays short.
+left over the last five seconds; otherwise they wait (the job shows `paused`)
+and are looked at again every half second. Waiting chunks share a round (up to
+--max-batch); `file_slots` tells the job runner how many to keep in flight so
+that a file round stays short.
 
 Each connection has at most one step in flight, so every round serves every
 waiting connection once: no stream starves, and when the device falls behind
@@ -123,7 +124,7 @@ class DeviceScheduler:
         return False
 
     def file_slots(self, shared: bool) -> int:
-        """How many file pieces to keep in flight on this device. It grows while file rounds stay short,
+        """How many file chunks to keep in flight on this device. It grows while file rounds stay short,
         so files batch where the device has room (a GPU), and shrinks when they get long (a CPU stays
         at one), so a live step never waits long behind a file round."""
         return self._file_slots[shared]
