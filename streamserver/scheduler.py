@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ MIN_SPAN = 0.5  # seconds: a single short live round does not read as a busy dev
 FILE_GRACE = 0.05  # seconds after a live round in which its streams get to ask again before file work
 # The longest a file round should take (on an idle device / beside live streams): a live step that arrives
 # meanwhile waits for it. File batches grow while rounds stay under half of this and shrink above it.
-FILE_ROUND_SECONDS = {False: 2.0, True: 0.5}
+FILE_ROUND_SECONDS = {False: 1.0, True: 0.5}
+RESUME_AFTER = 2.0  # seconds file work stays paused after live load last held it back (streams ending one by one)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class DeviceScheduler:
         self._file_slots = {False: 1, True: 1}
         # Set by the server: whether the device holds as many live connections as it admits.
         self.is_full: Callable[[], bool] = lambda: False
+        self._held_at = -math.inf  # when live load last held file work back
 
     async def submit(self, steps: Steps) -> Any:
         """Run a session's `step()`/`finish()` generator in the next round; its return value."""
@@ -147,8 +150,13 @@ class DeviceScheduler:
 
     def batch_paused(self) -> bool:
         """File work waits while the device is full of live connections (the operator's measure of its
-        capacity), or while live streams keep it busy more than PAUSE_DUTY of the time."""
-        return self.is_full() or self.live_duty() > PAUSE_DUTY
+        capacity), or while live streams keep it busy more than PAUSE_DUTY of the time, and for
+        RESUME_AFTER seconds after either: the last streams of a busy spell finish undisturbed."""
+        now = time.perf_counter()
+        if self.is_full() or self.live_duty(now) > PAUSE_DUTY:
+            self._held_at = now
+            return True
+        return now - self._held_at < RESUME_AFTER
 
     # -- event loop side ------------------------------------------------
     def _start_round(self) -> None:
