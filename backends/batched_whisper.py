@@ -344,10 +344,11 @@ class BatchedWhisper:
                 ctx = max(audio_ctx, old.audio_ctx if old else 0)
                 self._step = None  # drop the old buffers and the graphs that point into them first
                 buf = StepBuffers(self.model, size, ctx, len(self._align), self.dtype, self.device)
-                self._step = DecoderStep(self.model, buf, self._align, use_graphs=True)
+                self._step = DecoderStep(self.model, buf, self._align, use_graphs=True,
+                                         vocabulary=self._vocabulary(self.dtype))
             return self._step.buf, self._step
         buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
-        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocab_t)
+        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary(self.dtype))
 
     def _capture(self) -> bool:
         return bool(self._align)

@@ -63,9 +63,9 @@ class DecoderStep:
     """Runs the decoder step on `StepBuffers` for the first `n` rows; on CUDA, one graph per `n`."""
 
     def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
-                 use_graphs: bool, vocabulary: torch.Tensor | None = None) -> None:
+                 use_graphs: bool, vocabulary: torch.Tensor) -> None:
         self.model, self.buf, self.align = model, buffers, align
-        self.vocabulary = vocabulary  # [d, vocab] projection, if the engine keeps one (the CPU)
+        self.vocabulary = vocabulary  # the engine's [d, vocab] projection onto the vocabulary
         self.align_heads: dict[int, list[int]] = {}  # per layer: the heads whose attention times words
         for layer, head in align:
             self.align_heads.setdefault(layer, []).append(head)
@@ -145,8 +145,7 @@ class DecoderStep:
             x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
-        vocabulary = self.vocabulary if self.vocabulary is not None else dec.token_embedding.weight.to(x.dtype).T
-        logits = (x[:, -1] @ vocabulary).float() + b.suppress
+        logits = (x[:, -1] @ self.vocabulary).float() + b.suppress
         nxt = logits.argmax(-1)
         if captured:
             attn = torch.cat(captured, dim=1)
