@@ -125,7 +125,7 @@ async def live_run(base: str, pcm: bytes, streams: int, stagger: float = 0.1) ->
         t0 = time.monotonic()
         first = await _file_device_seconds(client, base)
         task = asyncio.ensure_future(run(url, pcm, streams, 100, stagger))
-        # Every stream connected and sending, and any file round begun before that (at most ~2 s) ended:
+        # Every stream connected and sending, and any file round begun before that (aimed at 1 s) ended:
         # the counter grows when a round ends, so file rounds that start at capacity are what it shows.
         await asyncio.sleep(max(0.0, t0 + (streams - 1) * stagger + 2.5 - time.monotonic()))
         steady_from = await _file_device_seconds(client, base)

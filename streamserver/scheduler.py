@@ -128,8 +128,8 @@ class DeviceScheduler:
 
     def file_slots(self, shared: bool) -> int:
         """How many file chunks to keep in flight on this device. It grows while file rounds stay short,
-        so files batch where the device has room (a GPU), and shrinks when they get long (a CPU stays
-        at one), so a live step never waits long behind a file round."""
+        so files batch where the device has room (a GPU), and shrinks when they get long (a 2-core CPU
+        stays at one or two), so a live step never waits long behind a file round."""
         return self._file_slots[shared]
 
     @property
