@@ -44,6 +44,32 @@ class Segment:
         return Segment(self.start + offset, self.end + offset, tuple(w.shifted(offset) for w in self.words))
 
 
+MIN_LOOP_WORDS = 3  # a run of this many words said again straight after itself is a loop
+
+
+def without_repeats(words: list[Word], before: list[str] | tuple[str, ...] = (), degenerate: bool = False) -> list[Word]:
+    """`words` without every run of `MIN_LOOP_WORDS`+ words that repeats the run just before it
+    (the first copy stays, and so does everything after the repeat). `before` is the keys of the
+    words already said ahead of these. In `degenerate` text (a decode that failed its quality
+    checks) a word or word pair said four times in a row is also cut to one.
+
+    Whisper's loops, and a policy committing audio twice, both show as such repeats; real speech
+    almost never says three words twice in a row, so dropping them costs nearly nothing."""
+    keys, out = list(before), []
+    for w in words:
+        keys.append(w.key)
+        out.append(w)
+        for n in range(1, len(keys) // 2 + 1):
+            if keys[-n:] != keys[-2 * n:-n]:
+                continue
+            if n < MIN_LOOP_WORDS and not (degenerate and keys[-4 * n:] == keys[-n:] * 4 and len(keys) >= 4 * n):
+                continue
+            drop = min(n, len(out))
+            del keys[-drop:], out[-drop:]
+            break
+    return out
+
+
 def join_words(words: list[Word] | tuple[Word, ...]) -> str:
     """Caption text of consecutive words (Whisper's words carry their own spaces)."""
     return "".join(w.text for w in words).strip()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import string
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,14 +31,21 @@ from whisper.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters
 from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from .asr_types import Segment, TranscribeJob, Word
-from .decoder_step import DecoderStep, StepBuffers, merge_heads, split_heads
+from .asr_types import Segment, TranscribeJob, Word, without_repeats
+from .decoder_step import DecoderStep, StepBuffers, merge_heads, pick, split_heads, timestamp_rules
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
 SENTENCE_END = (".", "?", "!")
 CLAUSE_END = SENTENCE_END + (",", ";", ":")
-BACKTRACK = 2 * TOKENS_PER_SECOND  # a token attending this far behind the text so far is a repeat
+# openai-whisper's `transcribe` guards: a decode whose text compresses better than this (gzip) or
+# whose mean token log-probability is below that is degenerate (a loop, a guess) and is decoded
+# again at the next temperature; a window whose no-speech probability is over NO_SPEECH_LIMIT and
+# whose decode is that unsure is silence.
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_LIMIT = 2.4
+LOGPROB_LIMIT = -1.0
+NO_SPEECH_LIMIT = 0.6
 ENCODE_BATCH = 32  # windows per encoder call: enough to fill a GPU, and the activations stay bounded
 MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio (Whisper ends text on silence)
 
@@ -53,10 +61,36 @@ class _Row:
     window: int  # encoder positions of this job's bucket (what its decoder attends to)
     frames: int  # encoder positions that hold this job's audio (what word times map onto)
     tokens: list[int]
+    temperature: float = 0.0
+    timestamps: bool = True  # decode with timestamp tokens, as openai-whisper's `transcribe` does
+    sot_index: int = 0  # where the start-of-transcript token sits in `context` (its logits give no-speech)
     done: bool = False
-    furthest: int = 0  # furthest audio position a token has attended to
+    sum_logprob: float = 0.0  # log-probabilities of the tokens taken, and of the end of text
+    no_speech: float = 0.0
     stop_at: int | None = None  # AlignAtt: a token attending at or past this position ends the row
     heard: list[int] = field(default_factory=list)  # per accepted token, the position it attended to
+
+    @property
+    def text_tokens(self) -> list[int]:
+        return [t for t in self.tokens if t < self.tokenizer.eot]
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)
+
+    @property
+    def compression_ratio(self) -> float:
+        text = self.tokenizer.decode(self.text_tokens).encode("utf-8")
+        return len(text) / len(zlib.compress(text)) if text else 0.0
+
+    @property
+    def silent(self) -> bool:
+        """openai-whisper's rule: probably no speech, and nothing decoded with confidence."""
+        return self.no_speech > NO_SPEECH_LIMIT and self.avg_logprob < LOGPROB_LIMIT
+
+    @property
+    def degenerate(self) -> bool:
+        return self.compression_ratio > COMPRESSION_RATIO_LIMIT or self.avg_logprob < LOGPROB_LIMIT
 
 
 class BatchedWhisper:
@@ -70,8 +104,8 @@ class BatchedWhisper:
         model: whisper.model.Whisper,
         language: str | None = None,
         name: str = "",
-        bucket_seconds: float = 5.0,
-        max_tokens_per_second: float = 8.0,
+        bucket_seconds: float = 0.0,
+        max_tokens_per_second: float | None = None,
         fp16: bool | None = None,
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
@@ -83,7 +117,10 @@ class BatchedWhisper:
         self.name = name
         self.language = None if language in (None, "auto") else language
         self.bucket_seconds = bucket_seconds
+        # None: openai-whisper's budget, half the text context (224 tokens) per window, whatever
+        # the audio's length; a per-second budget cuts fast speech mid-word. Set for benchmarks only.
         self.max_tokens_per_second = max_tokens_per_second
+        self.temperatures: tuple[float, ...] = TEMPERATURES
         dims = model.dims
         self.dims = dims
         self.dtype = torch.float16 if self.fp16 else torch.float32
@@ -129,10 +166,26 @@ class BatchedWhisper:
         if not live:
             return out
         encoded, windows, frames = self.encode([jobs[i].audio for i in live])
-        rows = self._rows([jobs[i] for i in live], encoded, windows, frames)
-        weights = self._decode(rows, encoded)
-        for i, row, w in zip(live, rows, weights):
-            out[i] = self._segments(row, w)
+        final: dict[int, tuple[_Row, np.ndarray | None]] = {}
+        todo = list(range(len(live)))
+        # openai-whisper's fallback: rows whose decode is degenerate are decoded again, sampling at
+        # the next temperature; a row that is silence, or good, keeps its decode.
+        for temperature in self.temperatures:
+            sub = encoded if len(todo) == len(live) else encoded[todo]
+            rows = self._rows([jobs[live[k]] for k in todo], sub, [windows[k] for k in todo],
+                              [frames[k] for k in todo], temperature)
+            weights = self._decode(rows, sub)
+            retry = []
+            for k, row, w in zip(todo, rows, weights):
+                final[k] = (row, w)
+                if row.degenerate and not row.silent and not self.force_tokens_per_second:
+                    retry.append(k)
+            if not retry:
+                break
+            todo = retry
+        for k, i in enumerate(live):
+            row, w = final[k]
+            out[i] = [] if row.silent else self._segments(row, w)
         return out
 
     def encode(self, audios: list[np.ndarray]) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -218,7 +271,8 @@ class BatchedWhisper:
             )
         return self._tokenizers[language]
 
-    def _rows(self, jobs: list[TranscribeJob], encoded: torch.Tensor, windows: list[int], frames: list[int]) -> list[_Row]:
+    def _rows(self, jobs: list[TranscribeJob], encoded: torch.Tensor, windows: list[int], frames: list[int],
+              temperature: float = 0.0) -> list[_Row]:
         languages = [job.language if job.language not in (None, "auto") else self.language for job in jobs]
         if self.model.is_multilingual and any(lang is None for lang in languages):
             detected = self._detect_languages(encoded, windows)
@@ -228,26 +282,34 @@ class BatchedWhisper:
         rows = []
         for job, lang, w, f in zip(jobs, languages, windows, frames):
             tok = self._tokenizer(lang)
-            context = list(tok.sot_sequence) + [tok.no_timestamps]
-            if job.prompt.strip():
+            # Timestamps, as in openai-whisper's `transcribe` (the model decodes most like it was
+            # trained to, and a timestamp past the audio ends the row); AlignAtt's forced prefix and
+            # attention stop decode without them, as SimulStreaming does.
+            timestamps = not job.prefix.strip() and job.stop_before_end is None
+            context = list(tok.sot_sequence) + ([] if timestamps else [tok.no_timestamps])
+            # As openai-whisper: when the prompt is at a higher temperature, do not condition on it.
+            if job.prompt.strip() and temperature <= 0.5:
                 prompt = tok.encode(" " + job.prompt.strip())[-(self.dims.n_text_ctx // 2 - 1):]
                 context = [tok.sot_prev, *prompt, *context]
+            sot_index = context.index(tok.sot)
             if job.prefix.strip():
                 context += tok.encode(" " + job.prefix.strip())[-(self.dims.n_text_ctx // 4):]
-            seconds = len(job.audio) / SAMPLE_RATE
             budget = self.dims.n_text_ctx - len(context) - 1
-            max_new = max(1, min(budget, self.dims.n_text_ctx // 2, int(self.max_tokens_per_second * seconds) + 10))
+            max_new = max(1, min(budget, self.dims.n_text_ctx // 2))
+            if self.max_tokens_per_second:
+                max_new = min(max_new, int(self.max_tokens_per_second * len(job.audio) / SAMPLE_RATE) + 10)
             stop_at = None
             if job.stop_before_end is not None:
                 stop_at = max(1, f - int(job.stop_before_end * TOKENS_PER_SECOND))
-            rows.append(_Row(job, tok, context, max_new, w, f, [], stop_at=stop_at))
+            rows.append(_Row(job, tok, context, max_new, w, f, [], temperature, timestamps, sot_index, stop_at=stop_at))
         return rows
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
         tok = self._tokenizer(None)
         tokens = torch.full((len(windows), 1), tok.sot, device=self.device)
         cross = self._cross_kv(encoded)
-        logits, _ = self._forward(tokens, torch.zeros_like(tokens), None, cross, self._cross_mask(windows, encoded), False)
+        logits, _, _ = self._forward(tokens, torch.zeros_like(tokens), None, cross, self._cross_mask(windows, encoded),
+                                     False)
         lang_ids = torch.tensor(tok.all_language_tokens, device=self.device)
         best = logits[:, lang_ids].argmax(-1).tolist()
         return [tok.all_language_codes[i] for i in best]
@@ -257,6 +319,7 @@ class BatchedWhisper:
         B, T = len(rows), encoded.shape[1]
         buf, stepper = self._stepper(B, T)
         n = stepper.batch_size(B)
+        stepper.sampling = any(r.temperature > 0 for r in rows)
         stepper.prepare(n, T)  # before the buffers are filled: a capture's warm-up scribbles on them
         dev, S = self.device, buf.text_ctx
         L0 = max(len(r.context) for r in rows)
@@ -277,26 +340,43 @@ class BatchedWhisper:
         tok = rows[0].tokenizer
         buf.suppress.zero_()
         buf.suppress[self._suppress_ids(tok)] = -math.inf
+        temps = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
+        buf.temp[:n] = 0.0
+        buf.temp[:B] = temps
+        sot_at = torch.tensor([L0 - len(r.context) + r.sot_index for r in rows], device=dev)
+        buf.ts_mode[:n] = False
+        buf.ts_mode[:B] = torch.tensor([r.timestamps for r in rows], device=dev)
+        buf.pen_ts[:n] = True
+        buf.last_ts[:n] = False
+        buf.ts_max[:n] = 0
         # Prefill: the forced tokens of every row in one pass, writing the cache's first L0 slots.
         cache = [(buf.self_k[layer][:B], buf.self_v[layer][:B]) for layer in range(self.dims.n_text_layer)]
         positions = (torch.arange(L0, device=dev)[None, :] - pads[:, None]).clamp(min=0)
         causal = torch.ones(L0, L0, dtype=torch.bool, device=dev).tril()
         mask = (causal[None] & buf.key_ok[:B, None, :L0])[:, None]
-        logits, attn = self._forward(tokens, positions, (cache, 0, mask), cross, buf.cross_ok[:B, :, :, :T],
-                                     self._capture())
+        logits, attn, at_sot = self._forward(tokens, positions, (cache, 0, mask), cross, buf.cross_ok[:B, :, :, :T],
+                                             self._capture(), also_at=sot_at)
+        if tok.no_speech is not None:
+            for r, p in zip(rows, at_sot.softmax(-1)[:, tok.no_speech].tolist()):
+                r.no_speech = p
         last = logits + buf.suppress
         last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
-        first = last.argmax(-1)
+        logp = timestamp_rules(last, buf, B, tok.eot, tok.timestamp_begin, first=True)
+        first = pick(logp, temps, stepper.sampling)
+        took_ts = first >= tok.timestamp_begin
+        buf.last_ts[:B] = took_ts
+        buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
+        first_logprob = logp.gather(1, first[:, None])[:, 0]
         heard = self._attended(attn, buf.audio_ok[:B, :, :T])
         captured = [attn[:, :, -1:]] if attn is not None else []
         buf.token[:B, 0] = first
         buf.pos[:B, 0] = L0 - pads
         buf.slot.fill_(L0)
-        picked = torch.stack([first, heard]).tolist()  # one host sync per step
+        picked = torch.stack([first.double(), heard.double(), first_logprob.double()]).tolist()  # one sync per step
         for step in range(max(r.max_new for r in rows) + 1):
             active = 0
             for i, r in enumerate(rows):
-                if not r.done and self._accept(r, picked[0][i], picked[1][i], tok.eot):
+                if not r.done and self._accept(r, int(picked[0][i]), int(picked[1][i]), picked[2][i], tok.eot):
                     active += 1
             if not active or L0 + step >= S:
                 break
@@ -304,7 +384,7 @@ class BatchedWhisper:
             stepper.step(n, T)
             if attn is not None:
                 captured.append(buf.attn[:B, :, :, :T].clone())
-            picked = torch.stack([buf.next[:B], buf.heard[:B]]).tolist()
+            picked = torch.stack([buf.next[:B].double(), buf.heard[:B].double(), buf.logprob[:B].double()]).tolist()
         if not captured:
             return [None] * len(rows)
         weights = torch.cat(captured, dim=2)
@@ -345,10 +425,15 @@ class BatchedWhisper:
                 self._step = None  # drop the old buffers and the graphs that point into them first
                 buf = StepBuffers(self.model, size, ctx, len(self._align), self.dtype, self.device)
                 self._step = DecoderStep(self.model, buf, self._align, use_graphs=True,
-                                         vocabulary=self._vocabulary(self.dtype))
+                                         vocabulary=self._vocabulary(self.dtype), **self._special())
             return self._step.buf, self._step
         buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
-        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary(self.dtype))
+        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary(self.dtype),
+                                **self._special())
+
+    def _special(self) -> dict[str, int]:
+        tok = self._tokenizer(self.language)
+        return {"eot": tok.eot, "timestamp_begin": tok.timestamp_begin}
 
     def _capture(self) -> bool:
         return bool(self._align)
@@ -360,20 +445,25 @@ class BatchedWhisper:
         w = attn[:, :, -1, : audio_mask.shape[-1]].masked_fill(~audio_mask, -math.inf).softmax(-1)
         return w.mean(1).argmax(-1)
 
-    def _accept(self, row: _Row, token: int, position: int, eot: int) -> bool:
-        """Append `token` to `row` unless the row ends here: end of text, token budget, or a
-        hallucinated repeat (its attention jumps back more than `BACKTRACK` into audio already read)."""
+    def _accept(self, row: _Row, token: int, position: int, logprob: float, eot: int) -> bool:
+        """Append `token` to `row` unless the row ends here: end of text, the token budget, or
+        (AlignAtt) a token attending past `stop_at`. Degenerate decodes are not cut here: the
+        quality checks after the decode see them whole (`transcribe_batch`)."""
         if self.force_tokens_per_second:
             if len(row.tokens) >= row.max_new:
                 row.done = True
                 return False
-        elif (token == eot or len(row.tokens) >= row.max_new or position < row.furthest - BACKTRACK
-              or (row.stop_at is not None and position >= row.stop_at)):
+        elif token == eot:
+            row.sum_logprob += logprob
             row.done = True
+            return False
+        elif (len(row.tokens) >= row.max_new or (row.stop_at is not None and position >= row.stop_at)
+              or token >= row.tokenizer.timestamp_begin + row.frames + TOKENS_PER_SECOND // 2):
+            row.done = True  # (the last: a timestamp half a second past the audio, only padding follows)
             return False
         row.tokens.append(token)
         row.heard.append(position)
-        row.furthest = max(row.furthest, position)
+        row.sum_logprob += logprob
         return True
 
     def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -397,13 +487,14 @@ class BatchedWhisper:
         f = torch.tensor(windows, device=self.device)
         return (torch.arange(T, device=self.device)[None, :] < f[:, None])[:, None, None, :]  # [B,1,1,T]
 
-    def _forward(self, tokens, positions, self_attn, cross, cross_mask, capture):
+    def _forward(self, tokens, positions, self_attn, cross, cross_mask, capture, also_at=None):
         """Decoder forward over `tokens` [B, n] at `positions`; writes the self-attention cache.
 
         `self_attn` is (cache, slot, mask) or None (no cache: a one-token probe).
-        Returns the last position's logits [B, vocab] (all that is ever read: projecting every
-        prompt position onto the vocabulary cost more than the rest of the prefill) and the alignment
-        heads' weights [B, H, n, T] (or None).
+        Returns the last position's logits [B, vocab] (projecting every prompt position onto the
+        vocabulary cost more than the rest of the prefill), the alignment heads' weights [B, H, n, T]
+        (or None), and the logits at each row's position `also_at` [B] (or None: the start of
+        transcript, whose logits give the no-speech probability).
         """
         dec = self.model.decoder
         x = (dec.token_embedding(tokens) + dec.positional_embedding[positions]).to(self.dtype)
@@ -435,7 +526,10 @@ class BatchedWhisper:
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
         logits = (x[:, -1] @ self._vocabulary(x.dtype)).float()
-        return logits, (torch.cat(captured, dim=1) if captured else None)
+        extra = None
+        if also_at is not None:
+            extra = (x[torch.arange(x.shape[0], device=x.device), also_at] @ self._vocabulary(x.dtype)).float()
+        return logits, (torch.cat(captured, dim=1) if captured else None), extra
 
     def _vocabulary(self, dtype: torch.dtype) -> torch.Tensor:
         """The [d, vocab] projection onto the vocabulary (see `_vocab_t`)."""
@@ -450,17 +544,19 @@ class BatchedWhisper:
             ids |= {tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_timestamps}
             if tok.no_speech is not None:
                 ids.add(tok.no_speech)
-            ids |= set(range(tok.timestamp_begin, self.dims.n_vocab))
-            ids |= set(tok.all_language_tokens)
+            ids |= set(tok.all_language_tokens)  # timestamps: per row, by `timestamp_rules`
             self._suppress[key] = torch.tensor(sorted(i for i in ids if i < self.dims.n_vocab), device=self.device)
         return self._suppress[key]
 
     # -- words ----------------------------------------------------------------
     def _segments(self, row: _Row, matrix: np.ndarray | None) -> list[Segment]:
         tok = row.tokenizer
-        text = [t for t in row.tokens if t < tok.eot]
+        text = row.text_tokens
         if not text:
             return []
+        if matrix is not None and row.timestamps:  # the alignment rows of the text tokens, and of the end
+            at = [j for j, t in enumerate(row.tokens) if t < tok.eot]
+            matrix = matrix[at + [at[-1] + 1]]
         words, word_tokens = tok.split_to_word_tokens(text + [tok.eot])
         words, word_tokens = words[:-1], word_tokens[:-1]
         if row.job.prefix.strip() or row.stop_at is not None:
@@ -468,7 +564,9 @@ class BatchedWhisper:
         else:
             starts, ends = _word_times(matrix, word_tokens, row.frames)
         timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
-        return _sentences(timed)
+        # The last guard: temperature fallback removes most loops, but looped text must never reach
+        # a caption or a file's result, whatever produced it.
+        return _sentences(without_repeats(timed, degenerate=row.compression_ratio > COMPRESSION_RATIO_LIMIT))
 
 
 def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames: int) -> tuple[list[float], list[float]]:

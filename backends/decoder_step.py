@@ -49,6 +49,15 @@ class StepBuffers:
         self.pos = zeros(rows, 1, dt=torch.long)
         self.slot = zeros(1, dt=torch.long)
         self.suppress = zeros(d.n_vocab, dt=torch.float32)  # 0 or -inf, added to the logits
+        self.temp = zeros(rows, dt=torch.float32)  # each row's sampling temperature (0: greedy)
+        self.logprob = zeros(rows, dt=torch.float32)  # log-probability of the token picked
+        # Timestamp rules (openai-whisper's ApplyTimestampRules), per row: whether the row decodes with
+        # timestamps, whether its last / last-but-one token was one, and the last timestamp taken.
+        self.ts_mode = zeros(rows, dt=torch.bool)
+        self.last_ts = zeros(rows, dt=torch.bool)
+        self.pen_ts = zeros(rows, dt=torch.bool)
+        self.ts_max = zeros(rows, dt=torch.long)
+        self.vocab_ids = torch.arange(d.n_vocab, device=device)
         self.next = zeros(rows, dt=torch.long)
         self.heard = zeros(rows, dt=torch.long)
         self.attn = zeros(rows, max(n_align, 1), 1, audio_ctx, dt=torch.float32)
@@ -63,14 +72,16 @@ class DecoderStep:
     """Runs the decoder step on `StepBuffers` for the first `n` rows; on CUDA, one graph per `n`."""
 
     def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
-                 use_graphs: bool, vocabulary: torch.Tensor) -> None:
+                 use_graphs: bool, vocabulary: torch.Tensor, eot: int, timestamp_begin: int) -> None:
         self.model, self.buf, self.align = model, buffers, align
+        self.eot, self.timestamp_begin = eot, timestamp_begin
         self.vocabulary = vocabulary  # the engine's [d, vocab] projection onto the vocabulary
         self.align_heads: dict[int, list[int]] = {}  # per layer: the heads whose attention times words
         for layer, head in align:
             self.align_heads.setdefault(layer, []).append(head)
         self.use_graphs = use_graphs
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.sampling = False  # some row has a temperature: draw noise (a separate graph)
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
 
     def step(self, n: int, t: int) -> None:
@@ -78,16 +89,16 @@ class DecoderStep:
         buf.next / buf.heard / buf.attn)."""
         self.prepare(n, t)
         if self.use_graphs:
-            self.graphs[n, t].replay()
+            self.graphs[n, t, self.sampling].replay()
         else:
             self._body(n, t)
 
     def prepare(self, n: int, t: int) -> None:
         """Capture the graph for (`n` rows, `t` audio positions) if needed. Call before the buffers
         are filled for a round (warm-up scribbles on them). A failed capture falls back to eager steps."""
-        if self.use_graphs and (n, t) not in self.graphs:
+        if self.use_graphs and (n, t, self.sampling) not in self.graphs:
             try:
-                self.graphs[n, t] = self._capture(n, t)
+                self.graphs[n, t, self.sampling] = self._capture(n, t)
             except RuntimeError as exc:
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
                 self.use_graphs = False
@@ -146,7 +157,13 @@ class DecoderStep:
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
         logits = (x[:, -1] @ self.vocabulary).float() + b.suppress
-        nxt = logits.argmax(-1)
+        logp = timestamp_rules(logits, b, n, self.eot, self.timestamp_begin)
+        nxt = pick(logp, b.temp[:n], self.sampling)
+        b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
+        took_ts = nxt >= self.timestamp_begin
+        b.pen_ts[:n].copy_(b.last_ts[:n])
+        b.last_ts[:n].copy_(took_ts)
+        b.ts_max[:n].copy_(torch.where(took_ts, nxt, b.ts_max[:n]))
         if captured:
             attn = torch.cat(captured, dim=1)
             b.attn[:n, :, :, :t].copy_(attn)
@@ -156,6 +173,40 @@ class DecoderStep:
         b.token[:n, 0].copy_(nxt)
         b.pos[:n] += 1
         b.slot += 1
+
+
+def timestamp_rules(logits: torch.Tensor, b: StepBuffers, n: int, eot: int, timestamp_begin: int,
+                    first: bool = False, max_initial: int = 50) -> torch.Tensor:
+    """Log-probabilities after openai-whisper's timestamp rules, for rows [0, n) (fixed shapes, no
+    host sync). Rows with timestamps: they come in pairs (after a lone timestamp, another or the
+    end; after a pair, text), never go back, and are taken whenever their total probability beats
+    every text token; the first token is a timestamp of at most `max_initial` (1 s). Rows without
+    timestamps never take one."""
+    ids = b.vocab_ids[None, :]
+    is_ts = ids >= timestamp_begin
+    mode, last, pen, top = b.ts_mode[:n, None], b.last_ts[:n, None], b.pen_ts[:n, None], b.ts_max[:n, None]
+    if first:
+        mask = ~mode & is_ts | mode & ((ids < timestamp_begin) | (ids > timestamp_begin + max_initial))
+    else:
+        floor = torch.where(last & ~pen, top, top + 1)
+        mask = (~mode & is_ts) | mode & ((last & ~pen & (ids < eot)) | (last & pen & is_ts)
+                                         | (is_ts & (ids < floor) & (top >= timestamp_begin)))
+    logp = logits.masked_fill(mask, -math.inf).log_softmax(-1)
+    ts_mass = logp[:, timestamp_begin:].logsumexp(-1, keepdim=True)
+    best_text = logp[:, :timestamp_begin].max(-1, keepdim=True).values
+    force = mode & (ts_mass > best_text)
+    return logp.masked_fill(force & (ids < timestamp_begin), -math.inf).log_softmax(-1)
+
+
+def pick(logp: torch.Tensor, temperature: torch.Tensor, sampling: bool) -> torch.Tensor:
+    """Each row's next token: the most likely one, or where the row's temperature is above 0 a
+    draw from softmax(logp / T) (Gumbel-max: fixed shapes and no host sync, so a graph can hold it)."""
+    if not sampling:
+        return logp.argmax(-1)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logp).clamp_(min=1e-20)))
+    hot = temperature > 0
+    scores = torch.where(hot[:, None], logp / temperature.clamp(min=1e-6)[:, None] + gumbel, logp)
+    return scores.argmax(-1)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
