@@ -35,7 +35,7 @@ class ServerConfig:
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call
     trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end
-    bucket_seconds: float = 5.0  # encoder windows grow in steps of this (0: always 30 s, as openai-whisper)
+    bucket_seconds: float = 0.0  # 0: every window is 30 s, as Whisper was trained (shorter ones loop on real speech)
 
     @property
     def effective_language(self) -> str:
