@@ -60,7 +60,7 @@ def without_repeats(words: list[Word], before: list[str] | tuple[str, ...] = (),
         keys.append(w.key)
         out.append(w)
         for n in range(1, len(keys) // 2 + 1):
-            if keys[-n:] != keys[-2 * n:-n]:
+            if keys[-n:] != keys[-2 * n:-n] or not any(keys[-n:]):
                 continue
             if n < MIN_LOOP_WORDS and not (degenerate and keys[-4 * n:] == keys[-n:] * 4 and len(keys) >= 4 * n):
                 continue

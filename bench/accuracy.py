@@ -100,7 +100,8 @@ async def stream_all(url: str, clips: list[Clip], concurrency: int, pace: float)
     return dict(await asyncio.gather(*(one(c) for c in order)))
 
 
-def post_file(base: str, clip: Clip) -> str:
+def post_file_to(base: str, clip: Clip) -> str:
+    """The clip through `/v1/audio/transcriptions` (the OpenAI-compatible file endpoint): its text."""
     with open(clip.path, "rb") as f:
         r = httpx.post(f"http://{base}/v1/audio/transcriptions", files={"file": (clip.path.name, f, "audio/wav")},
                        data={"model": "whisper-1", "response_format": "json"}, timeout=600)
@@ -196,7 +197,7 @@ def main() -> None:
                         print(f"  {c.name}: error {live[c.name].error}")
                 if policy == args.policies.split(",")[0]:
                     t = time.monotonic()
-                    files = {c.name: post_file(base, c) for c in clips}
+                    files = {c.name: post_file_to(base, c) for c in clips}
                     print(f"file endpoint: {time.monotonic() - t:.0f} s", flush=True)
                     columns["file endpoint"] = {c.name: score(c.reference, files[c.name]) for c in clips}
                 if os.environ.get("ACCURACY_VERBOSE"):

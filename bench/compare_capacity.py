@@ -3,11 +3,11 @@
     python bench/compare_capacity.py --theirs "/path/to/wlk-venv/bin/whisperlivekit-server \\
         --model_dir TINY_EN_CT2_FOLDER --pcm-input --port {port} ..." [--lag-limit 3.0]
 
-Makes the speech (espeak-ng, 16 kHz, 1 s of silence before and 2 s after), then
-for each server in turn: starts it (`{port}` in a command is replaced by a free
+Streams a real recording (default: the LibriSpeech clip in bench/clips, `--audio` and
+`--reference` for another), then for each server in turn: starts it (`{port}` in a command is replaced by a free
 port), waits for it to listen, runs the capacity sweep of bench/capacity.py
 (N = 1, 2, 4, ... real-time streams of PCM until p95 caption lag reaches
---lag-limit), stops it. Prints both capacities and their ratio. Our server runs
+--lag-limit or mean WER leaves the single-stream WER by more than 5 points), stops it. Prints both capacities and their ratio. Our server runs
 `streamserver --pcm-input` with each policy unless --ours says otherwise.
 """
 from __future__ import annotations
@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.capacity import sweep  # noqa: E402
+from bench.capacity import CLIP, CLIP_TEXT, sweep  # noqa: E402
 from bench.load_client import load_pcm16k  # noqa: E402
 
 OURS = "streamserver --pcm-input --port {port} --max-connections-per-gpu 64"
-TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 
 
 def free_port() -> int:
@@ -35,14 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_speech(folder: Path) -> Path:
-    raw, wav = folder / "raw.wav", folder / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), TEXT], check=True)
-    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav), "pad", "1", "2"], check=True)
-    return wav
-
-
-def measure(name: str, command: str, pcm: bytes, args: argparse.Namespace) -> int:
+def measure(name: str, command: str, pcm: bytes, reference: str, args: argparse.Namespace) -> int:
     port = free_port()
     argv = shlex.split(command.replace("{port}", str(port)))
     print(f"\n== {name}: {' '.join(argv)}", flush=True)
@@ -60,7 +52,7 @@ def measure(name: str, command: str, pcm: bytes, args: argparse.Namespace) -> in
                 time.sleep(0.5)
         else:
             raise SystemExit(f"{name} did not listen on port {port} within {args.start_timeout:.0f} s")
-        return sweep(f"ws://127.0.0.1:{port}/asr", pcm, TEXT, args.max_streams, args.lag_limit)
+        return sweep(f"ws://127.0.0.1:{port}/asr", pcm, reference, args.max_streams, args.lag_limit)
     finally:
         server.terminate()
         try:
@@ -78,12 +70,13 @@ def main() -> None:
     ap.add_argument("--lag-limit", type=float, default=3.0)
     ap.add_argument("--max-streams", type=int, default=32)
     ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--audio", default=str(CLIP), help="a real recording (default: the shipped LibriSpeech clip)")
+    ap.add_argument("--reference", default=CLIP_TEXT, help="its transcript")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        pcm = load_pcm16k(str(make_speech(Path(folder))))
+    pcm = load_pcm16k(args.audio)
     ours_commands = args.ours or [f"{OURS} --policy {policy}" for policy in ("localagreement", "alignatt")]
-    theirs = measure("whisperlivekit", args.theirs, pcm, args)
-    results = [(command, measure("streamserver", command, pcm, args)) for command in ours_commands]
+    theirs = measure("whisperlivekit", args.theirs, pcm, args.reference, args)
+    results = [(command, measure("streamserver", command, pcm, args.reference, args)) for command in ours_commands]
     print(f"\ncapacity at p95 lag < {args.lag_limit:.1f} s (real-time streams):")
     print(f"  WhisperLiveKit: {theirs}   ({args.theirs})")
     for command, ours in results:
