@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.compare_capacity import free_port, make_speech  # noqa: E402
+from bench.capacity import CLIP  # noqa: E402
+from bench.compare_capacity import free_port  # noqa: E402
 from bench.load_client import load_pcm16k, run  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 
@@ -203,7 +204,7 @@ def main() -> None:
                 print(f"file: {seconds:.0f} s of audio, job {status['status']} in {wall:.1f} s: "
                       f"{seconds / wall:.1f} audio s per wall s (streamserver, idle)", flush=True)
             if not args.skip_live:
-                pcm = load_pcm16k(str(make_speech(folder)))
+                pcm = load_pcm16k(str(CLIP))  # live streams of real speech
                 url = base.replace("http://", "ws://") + "/asr"
                 asyncio.run(run(url, pcm[:64000], 1, 100, 0.0))  # warm
                 priority(base, path, pcm, args)

@@ -110,7 +110,8 @@ class Session:
         self._fed_until = 0  # samples handed to the policy (absolute)
         self._in_speech = False
         self._speech_seen = False
-        self._speech_end = 0  # absolute sample where the last speech ended
+        self._speech_end = 0  # absolute sample where the last speech ended (a silence line starts there)
+        self._fed_end = 0  # absolute sample up to which the last utterance was fed (the next starts after)
         self._tentative: list = []
         self._said: list[str] = []  # keys of the last committed words, so a repeat is never committed
 
@@ -136,7 +137,7 @@ class Session:
                 self._feed_policy(tail_end)
                 self._commit((yield from self.policy.finish_steps()))
                 self._in_speech = False
-                self._speech_end = tail_end
+                self._speech_end = self._fed_end = tail_end
             self._tentative = []
             if self.diarizer is not None:
                 self.attribution.add_turns(self.diarizer.flush(self.diarizer_state), tail_end / SAMPLE_RATE)
@@ -171,9 +172,9 @@ class Session:
             self.attribution.add_turns(turns, self.diarizer_state.covered_until)
         for event in self.segmenter.push(probs):
             if event.kind == "start":
-                self._speech_starts(max(event.sample, self._speech_end, self._recent_start))
+                self._speech_starts(max(event.sample, self._fed_end, self._recent_start))
             else:
-                yield from self._speech_ends(max(event.sample, self._fed_until))
+                yield from self._speech_ends(event.sample)
         self._vad_samples += len(probs) * WINDOW
         if self._in_speech:
             self._feed_policy(self._vad_samples)
@@ -207,11 +208,14 @@ class Session:
                     self.transcript.add_words([item], speaker)
 
     def _speech_ends(self, sample: int) -> Steps:
+        """The VAD's end of speech at `sample`. The policy may already hold the pause after it
+        (shorter pauses stay inside an utterance); the silence is counted from `sample` all the same."""
         self._feed_policy(sample)
         self._commit((yield from self.policy.finish_steps()))
         self._tentative = []
         self._in_speech = False
         self._speech_end = sample
+        self._fed_end = max(sample, self._fed_until)
 
     def _feed_policy(self, until: int) -> None:
         a = self._fed_until - self._recent_start

@@ -34,11 +34,14 @@ class FakeNvml:
 
 
 class EchoASR:
-    """Stands in for Whisper: one word per second of audio, named by its index."""
+    """Stands in for Whisper: one word per second of audio, named by its index: `q` for a quiet
+    second (level 0.01-0.1), else `w` (so two utterances of different audio say different words)."""
 
     def transcribe(self, audio: np.ndarray, prompt: str = "", language: str | None = None) -> list[Segment]:
         n = int(len(audio) // 16000)
-        words = tuple(Word(float(i), float(i) + 0.8, f" w{i}") for i in range(n))
+        levels = [float(np.abs(audio[i * 16000:(i + 1) * 16000]).mean()) for i in range(n)]
+        words = tuple(Word(float(i), float(i) + 0.8, f" {'q' if 0.01 < lv < 0.1 else 'w'}{i}")
+                      for i, lv in enumerate(levels))
         return [Segment(0.0, float(n), words)] if words else []
 
     def transcribe_batch(self, jobs) -> list[list[Segment]]:
