@@ -232,6 +232,11 @@ class SpeechSegmenter:
     def in_speech(self) -> bool:
         return self._triggered
 
+    @property
+    def speech_end(self) -> int | None:
+        """Where speech would end (with its pad) if the pause now under way lasts: None if none is."""
+        return None if self._silence_from is None else self._silence_from + self.pad_samples
+
     def push(self, probs: np.ndarray) -> list[SpeechEvent]:
         """Consume probabilities for the next consecutive WINDOW-sample windows."""
         events: list[SpeechEvent] = []

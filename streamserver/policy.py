@@ -112,6 +112,14 @@ class UtteranceBuffer:
     def unprocessed_seconds(self) -> float:
         return (len(self.audio) - self.processed_samples) / SAMPLE_RATE
 
+    def end_at(self, t: float) -> None:
+        """The utterance's speech ended at stream time `t`: drop the pause after it, so the last
+        decode does not run over seconds of silence (where Whisper invents words)."""
+        n = max(0, int(round((t - self.offset) * SAMPLE_RATE)))
+        if n < len(self.audio):
+            self.audio = self.audio[:n]
+            self.processed_samples = min(self.processed_samples, n)
+
     def _remember(self, words: list[Word]) -> None:
         if words:
             self.context = (self.context + "".join(w.text for w in words))[-4 * self.prompt_chars:]

@@ -135,6 +135,8 @@ class Session:
             tail_end = self._recent_start + len(self._recent)
             if self._in_speech:
                 self._feed_policy(tail_end)
+                if self.segmenter.speech_end is not None:  # the stream ends in a pause
+                    self.policy.end_at(min(tail_end, self.segmenter.speech_end) / SAMPLE_RATE)
                 self._commit((yield from self.policy.finish_steps()))
                 self._in_speech = False
                 self._speech_end = self._fed_end = tail_end
@@ -211,11 +213,12 @@ class Session:
         """The VAD's end of speech at `sample`. The policy may already hold the pause after it
         (shorter pauses stay inside an utterance); the silence is counted from `sample` all the same."""
         self._feed_policy(sample)
+        self.policy.end_at(sample / SAMPLE_RATE)
         self._commit((yield from self.policy.finish_steps()))
         self._tentative = []
         self._in_speech = False
         self._speech_end = sample
-        self._fed_end = max(sample, self._fed_until)
+        self._fed_end = sample  # the pause after it was dropped from the utterance (`end_at`)
 
     def _feed_policy(self, until: int) -> None:
         a = self._fed_until - self._recent_start
