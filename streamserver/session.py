@@ -218,7 +218,7 @@ class Session:
         self._tentative = []
         self._in_speech = False
         self._speech_end = sample
-        self._fed_end = sample  # the pause after it was dropped from the utterance (`end_at`)
+        self._fed_end = max(sample, self._fed_until)
 
     def _feed_policy(self, until: int) -> None:
         a = self._fed_until - self._recent_start
