@@ -35,13 +35,14 @@ class FakeNvml:
 
 class EchoASR:
     """Stands in for Whisper: one word per second of audio, named by its index: `q` for a quiet
-    second (level 0.01-0.1), else `w` (so two utterances of different audio say different words)."""
+    second (level 0.01-0.1), else `w` (so two utterances of different audio say different words);
+    nothing for a second of faint noise (level 0-0.005), as Whisper says nothing over a pause."""
 
     def transcribe(self, audio: np.ndarray, prompt: str = "", language: str | None = None) -> list[Segment]:
         n = int(len(audio) // 16000)
         levels = [float(np.abs(audio[i * 16000:(i + 1) * 16000]).mean()) for i in range(n)]
         words = tuple(Word(float(i), float(i) + 0.8, f" {'q' if 0.01 < lv < 0.1 else 'w'}{i}")
-                      for i, lv in enumerate(levels))
+                      for i, lv in enumerate(levels) if not 0 < lv < 0.005)
         return [Segment(0.0, float(n), words)] if words else []
 
     def transcribe_batch(self, jobs) -> list[list[Segment]]:

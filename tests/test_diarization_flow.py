@@ -42,7 +42,7 @@ def test_a_silence_line_never_jumps_ahead_of_words_waiting_for_their_speaker():
     with serve_app(app) as base:
         ws = open_asr(base, "format=pcm")
         recv_json(ws)
-        audio = tone(3.0, 0.5) + bytes(3 * 32000) + tone(3.0, 0.05)
+        audio = tone(3.0, 0.5) + tone(3.0, 0.001) + tone(3.0, 0.05)  # loud, a pause (faint noise), quiet
         for i in range(0, len(audio), 3200):
             ws.send(audio[i:i + 3200])
         ws.send(b"")
