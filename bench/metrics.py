@@ -14,14 +14,19 @@ def normalise(text: str) -> list[str]:
 
 def wer(reference: str, hypothesis: str) -> float:
     """(substitutions + deletions + insertions) / reference words, on normalised words."""
-    ref, hyp = normalise(reference), normalise(hypothesis)
+    ref = normalise(reference)
+    return edit_distance(ref, normalise(hypothesis)) / max(len(ref), 1)
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word substitutions + deletions + insertions turning `ref` into `hyp`."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1] / max(len(ref), 1)
+    return prev[-1]
 
 
 def percentile(values: list[float], p: float) -> float:

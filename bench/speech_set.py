@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.metrics import edit_distance
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SET = ROOT.parent / "shared" / "speech"
 SAMPLE_RATE = 16000
@@ -95,14 +97,8 @@ def normalised_words(text: str) -> list[str]:
 
 def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
     """(word edits, reference words) after normalising both sides: pooled WER is sum/sum."""
-    ref, hyp = normalised_words(reference), normalised_words(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1], len(ref)
+    ref = normalised_words(reference)
+    return edit_distance(ref, normalised_words(hypothesis)), len(ref)
 
 
 def wer(reference: str, hypothesis: str) -> float:
