@@ -22,6 +22,7 @@ import math
 import string
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class _Row:
     def avg_logprob(self) -> float:
         return self.sum_logprob / (len(self.tokens) + 1)
 
-    @property
+    @cached_property  # read only once the row is decoded, by the fallback check and by `_segments`
     def compression_ratio(self) -> float:
         text = self.tokenizer.decode(self.text_tokens).encode("utf-8")
         return len(text) / len(zlib.compress(text)) if text else 0.0

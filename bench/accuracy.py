@@ -29,6 +29,7 @@ import httpx
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.load_client import ServerError, caption_updates, send_realtime  # noqa: E402
 from bench.speech_set import (  # noqa: E402
     DEFAULT_SET, Clip, LinesCheck, edit_counts, load_clips, lost_ending, new_repeats)
 
@@ -57,28 +58,15 @@ async def stream_clip(url: str, pcm: bytes, chunk_ms: int = 100, pace: float = 1
             if config.get("type") == "error":
                 result.error = config.get("error")
                 return result
-            t0 = time.monotonic()
-
-            async def sender() -> None:
-                step = 16000 * 2 * chunk_ms // 1000
-                for i, off in enumerate(range(0, len(pcm), step)):
-                    await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / pace - time.monotonic()))
-                    await ws.send(pcm[off:off + step])
-                await ws.send(b"")
-
-            send_task = asyncio.create_task(sender())
+            send_task = asyncio.create_task(send_realtime(ws, pcm, chunk_ms, time.monotonic(), pace))
             last: list[dict] = []
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("type") == "error":
-                    result.error = msg["error"]
-                    break
-                if msg.get("type") == "ready_to_stop":
-                    break
-                if "lines" in msg:
+            try:
+                async for msg in caption_updates(ws):
                     result.updates += 1
                     last = msg["lines"]
                     result.check.update(last)
+            except ServerError as exc:
+                result.error = str(exc)
             result.check.finish(last)
             result.text = caption_text(last)
             await send_task

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,31 @@ class StreamResult:
     updates: int = 0
 
 
+class ServerError(Exception):
+    """The server's `error` message on the stream (its text)."""
+
+
+async def send_realtime(ws, pcm: bytes, chunk_ms: int, t0: float, pace: float = 1.0) -> None:
+    """PCM in `chunk_ms` pieces at `pace` x real time from `t0`, then the end-of-stream frame."""
+    step = 16000 * 2 * chunk_ms // 1000
+    for i, off in enumerate(range(0, len(pcm), step)):
+        await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / pace - time.monotonic()))
+        await ws.send(pcm[off:off + step])
+    await ws.send(b"")
+
+
+async def caption_updates(ws) -> AsyncIterator[dict]:
+    """The stream's caption updates until `ready_to_stop`; an error message raises ServerError."""
+    async for raw in ws:
+        msg = json.loads(raw)
+        if msg.get("type") == "error":
+            raise ServerError(msg["error"])
+        if msg.get("type") == "ready_to_stop":
+            return
+        if "lines" in msg:
+            yield msg
+
+
 async def run_stream(url: str, pcm: bytes, chunk_ms: int, start_delay: float) -> StreamResult:
     result = StreamResult()
     await asyncio.sleep(start_delay)
@@ -72,34 +98,21 @@ async def run_stream(url: str, pcm: bytes, chunk_ms: int, start_delay: float) ->
             result.gpu_id = config.get("gpu_id")
             t0 = time.monotonic()
             seen_words = 0
-
-            async def sender() -> None:
-                step = 16000 * 2 * chunk_ms // 1000
-                for i, off in enumerate(range(0, len(pcm), step)):
-                    await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 - time.monotonic()))
-                    await ws.send(pcm[off:off + step])
-                await ws.send(b"")
-
-            send_task = asyncio.create_task(sender())
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("type") == "error":
-                    result.error = msg["error"]
-                    break
-                if msg.get("type") == "ready_to_stop":
-                    break
-                if "lines" not in msg:
-                    continue
-                result.updates += 1
-                now = time.monotonic()
-                speech = [ln for ln in msg["lines"] if ln["speaker"] != -2]
-                words = " ".join(ln["text"] for ln in speech).split()
-                if len(words) > seen_words and speech:
-                    audio_end = line_end_seconds(speech[-1])
-                    sent_at = t0 + min(audio_end, len(pcm) / 32000)
-                    result.lags.extend([now - sent_at] * (len(words) - seen_words))
-                    seen_words = len(words)
-                result.text = " ".join(ln["text"] for ln in speech)
+            send_task = asyncio.create_task(send_realtime(ws, pcm, chunk_ms, t0))
+            try:
+                async for msg in caption_updates(ws):
+                    result.updates += 1
+                    now = time.monotonic()
+                    speech = [ln for ln in msg["lines"] if ln["speaker"] != -2]
+                    words = " ".join(ln["text"] for ln in speech).split()
+                    if len(words) > seen_words and speech:
+                        audio_end = line_end_seconds(speech[-1])
+                        sent_at = t0 + min(audio_end, len(pcm) / 32000)
+                        result.lags.extend([now - sent_at] * (len(words) - seen_words))
+                        seen_words = len(words)
+                    result.text = " ".join(ln["text"] for ln in speech)
+            except ServerError as exc:
+                result.error = str(exc)
             await send_task
     except Exception as exc:  # noqa: BLE001 - a benchmark reports, it doesn't crash
         result.error = f"{type(exc).__name__}: {exc}"
