@@ -29,6 +29,29 @@ def edit_distance(ref: list[str], hyp: list[str]) -> int:
     return prev[-1]
 
 
+def reference_heard(ref: list[str], hyp: list[str]) -> list[bool]:
+    """For each reference word, whether a minimum-edit alignment gives it a hypothesis word (a match
+    or a substitution) rather than deleting it. Ties prefer the substitution, so a misrecognised
+    word ("a liner" for "aligner") counts as heard: only words with nothing said for them are not."""
+    n, m = len(ref), len(hyp)
+    d = np.zeros((n + 1, m + 1), dtype=np.int32)
+    d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
+    heard = [False] * n
+    i, j = n, m
+    while i > 0:
+        if j > 0 and d[i, j] == d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
+            heard[i - 1] = True
+            i, j = i - 1, j - 1
+        elif d[i, j] == d[i - 1, j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    return heard
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")

@@ -10,7 +10,7 @@ The failure counters are the ones a caption reader notices, measured on the
 committed words a client saw:
 - a run of 3+ words repeated back to back where the reference has no such repeat;
 - committed words whose times go backwards;
-- words of the reference's end missing after the end of stream;
+- words of the reference's end with nothing said for them after the end of stream;
 - committed `lines` text that changed in a later update (the contract forbids it).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import edit_distance
+from bench.metrics import edit_distance, reference_heard
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SET = ROOT.parent / "shared" / "speech"
@@ -129,18 +129,16 @@ def new_repeats(reference: str, hypothesis: str) -> int:
 
 
 def lost_ending(reference: str, hypothesis: str, tail: int = 3) -> bool:
-    """The reference's last `tail` words are not all found in the hypothesis's last part.
+    """Most of the reference's last `tail` words have nothing said for them in the hypothesis.
 
-    Looked for in order, in the hypothesis's last 3 x tail + 3 words, so a wrong word
-    or two at the end of an otherwise complete transcript is not a lost ending, but a
-    transcript that stops a sentence early is."""
+    The two are aligned word by word (minimum edits); a reference word is lost when the alignment
+    deletes it. A transcript that stops a sentence early loses its ending; one that ends in a
+    misrecognised word ("a liner" for "aligner") has it, wrong, which WER already counts."""
     ref, hyp = normalised_words(reference), normalised_words(hypothesis)
     if not ref:
         return False
-    want = ref[-tail:]
-    window = hyp[-(3 * tail + 3):]
-    found = sum(1 for w in want if w in window)
-    return found < max(1, len(want) - 1)
+    heard = reference_heard(ref, hyp)[-tail:]
+    return sum(heard) < max(1, len(heard) - 1)
 
 
 @dataclass

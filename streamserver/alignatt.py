@@ -4,11 +4,17 @@ SimulStreaming's policy: Whisper decodes with the text already committed for the
 audio buffer forced as a prefix, and stops at the first new token whose
 cross-attention (the alignment heads) reaches into the last `frame_threshold`
 seconds of the audio received so far: past that point it would be guessing. The
-words before the stop are committed at once, so there is no second hypothesis
-to wait for and no re-decoding of the whole buffer (LocalAgreement-2 decodes
-every word of the buffer on each update). The last new word is held back while
-its attention sits near the end of the audio (it may still grow: "Ameri" →
-"Americans"). The buffer is cut at a committed clause end once it is longer than
+new words before the stop are shown at once, and committed once the next
+decode, with a second more audio after them, says them again: Whisper's guess at
+a word heard with half a second of right context is often wrong at the start of
+an utterance ("I'd less" for "unless"), and committed text can never be taken
+back. Only the words past the committed prefix are decoded again, so an update
+costs a fraction of LocalAgreement-2's, which decodes every word of the buffer.
+The last new word is held back while its attention sits near the end of the
+audio (it may still grow: "Ameri" → "Americans"). The utterance's last decode
+runs to the end of its audio, and stops at a token that attends to the audio's
+last `END_GUARD` seconds: past the speech, Whisper invents words over the
+padding. The buffer is cut at a committed clause end once it is longer than
 `trim_seconds`; committed text before the cut becomes the prompt.
 
 Same verbs and times as `LocalAgreementPolicy`, so the session drives either.
@@ -22,6 +28,9 @@ from backends.asr_types import Segment, TranscribeJob, Word, join_words
 from .policy import PolicyOutput, UtteranceBuffer
 
 CLAUSE_END = (".", "?", "!", ",", ";", ":")
+# The last decode of an utterance stops at a token attending this close to the end of its audio
+# (4 encoder positions, as SimulStreaming's last chunk): what comes after the speech is padding.
+END_GUARD = 0.08
 
 
 class AlignAttPolicy(UtteranceBuffer):
@@ -39,21 +48,31 @@ class AlignAttPolicy(UtteranceBuffer):
     def start(self, offset: float) -> None:
         super().start(offset)
         self.committed: list[Word] = []  # committed words still inside the buffer (stream times)
+        self.held: list[Word] = []  # the last decode's new words, waiting for the next to agree
 
     def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
-        """Decode past the committed prefix; commit what the attention says was heard."""
+        """Decode past the committed prefix up to the attention frontier; commit the new words
+        the previous decode also said (all of them on the utterance's last decode)."""
         self.processed_samples = len(self.audio)
         job = TranscribeJob(self.audio, self._prompt(), self.language, prefix=join_words(self.committed),
-                            stop_before_end=None if final else self.frame_threshold)
+                            stop_before_end=END_GUARD if final else self.frame_threshold)
         answer = yield job
         words = [w.shifted(self.offset) for s in answer for w in s.words]
         words = [w for w in words if w.text.strip()]
-        tentative: list[Word] = []
-        if words and not final and words[-1].end >= self.end_time - self.frame_threshold - 0.3:
-            tentative = [words.pop()]  # may still be growing
-        self.committed.extend(words)
+        if final:
+            commit, self.held = words, []
+        else:
+            agreed = 0
+            for old, new in zip(self.held, words):
+                if old.key != new.key:
+                    break
+                agreed += 1
+            if agreed == len(words) and words and words[-1].end >= self.end_time - self.frame_threshold - 0.3:
+                agreed -= 1  # the word at the edge may still be growing
+            commit, self.held = words[:agreed], words[agreed:]
+        self.committed.extend(commit)
         self._trim()
-        return PolicyOutput(words, tentative)
+        return PolicyOutput(commit, list(self.held))
 
     def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance: decode to the end of the audio and commit everything."""

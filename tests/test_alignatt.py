@@ -8,7 +8,7 @@ import numpy as np
 
 from backends.asr_types import Segment, TranscribeJob, Word, drive
 from bench.metrics import wer
-from streamserver.alignatt import AlignAttPolicy
+from streamserver.alignatt import END_GUARD, AlignAttPolicy
 
 WORD = 0.5  # one scripted word every half second of audio
 
@@ -16,7 +16,7 @@ WORD = 0.5  # one scripted word every half second of audio
 class HeardASR:
     """Honours prefix and stop_before_end the way the engine does: words of the whole stream laid out
     every 0.5 s (a comma after every fourth), the prefix's words skipped, decoding stopped at the first
-    word that ends within `stop_before_end` of the audio's end."""
+    word whose attention (its middle) falls within `stop_before_end` of the audio's end."""
 
     def __init__(self) -> None:
         self.jobs: list[TranscribeJob] = []
@@ -31,7 +31,7 @@ class HeardASR:
         while True:
             start = n * WORD - self.offset
             end = start + 0.45
-            if end > seconds + 1e-9 or (job.stop_before_end is not None and end >= seconds - job.stop_before_end):
+            if end > seconds + 1e-9 or (job.stop_before_end is not None and start + 0.22 >= seconds - job.stop_before_end):
                 break
             if k >= skip:
                 out.append(Word(start, end, f" w{n}" + ("," if n % 4 == 3 else "")))
@@ -61,7 +61,7 @@ def test_each_update_commits_the_new_words_heard_and_decodes_only_those():
     assert all(a.start <= b.start for a, b in zip(committed, committed[1:]))
     # after the first update the prefix is what was committed: nothing is decoded twice
     assert asr.jobs[1].prefix.split() == [w.text.strip() for w in committed[: len(asr.jobs[1].prefix.split())]]
-    assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-1]) and asr.jobs[-1].stop_before_end is None
+    assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-1]) and asr.jobs[-1].stop_before_end == END_GUARD
     assert any(tentative)  # the word at the edge of the audio is shown, not committed
 
 
@@ -90,3 +90,44 @@ def test_real_speech_streamed_through_alignatt_comes_back_right(speech_audio, sp
     assert wer(speech_text, text) <= 0.15, text
     starts = [line.start for line in state.lines]
     assert starts == sorted(starts)
+
+
+class RevisingASR:
+    """The first decode of an utterance mishears its first word ("I'd less"); with a second more
+    audio Whisper hears it right ("unless"). Words are every 0.5 s, as in `HeardASR`."""
+
+    TRUTH = ["unless", "to", "be", "rather", "cold", "hearted", "and", "rather", "selfish"]
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, job: TranscribeJob) -> list[Segment]:
+        self.calls += 1
+        seconds = len(job.audio) / 16000
+        said = list(self.TRUTH)
+        if self.calls == 1:
+            said[0] = "I'd-less"
+        out = []
+        for n, text in enumerate(said):
+            start = n * WORD
+            if n < len(job.prefix.split()):
+                continue
+            if start + 0.45 > seconds or (job.stop_before_end is not None
+                                          and start + 0.22 >= seconds - job.stop_before_end):
+                break
+            out.append(Word(start, start + 0.45, " " + text))
+        return [Segment(out[0].start, out[-1].end, tuple(out))] if out else []
+
+
+def test_a_word_is_committed_only_once_a_second_decode_says_it_again():
+    asr = RevisingASR()
+    policy = AlignAttPolicy(frame_threshold=0.5)
+    committed, shown = [], []
+    for seconds in (2, 1, 1, 1):
+        policy.insert_audio(np.zeros(16000 * seconds, np.float32))
+        out = drive(policy.process_steps(), asr)
+        committed += out.committed
+        shown.append([w.text.strip() for w in out.tentative])
+    committed += drive(policy.finish_steps(), asr)
+    assert "I'd-less" in shown[0]  # the first guess is shown while it is unsure
+    assert [w.text.strip() for w in committed] == RevisingASR.TRUTH  # but never committed
