@@ -81,13 +81,16 @@ class TranscribeJob:
 
     For AlignAtt-style decoding, `prefix` is text already committed for this buffer (forced, not
     decoded again; only the words after it come back), and `stop_before_end` (seconds) ends the
-    decoding at the first token whose attention reaches that close to the end of the audio."""
+    decoding at the first token whose attention reaches that close to the end of the audio.
+    `prefix_end` (seconds into the audio) is where the prefix's words were heard: a new token
+    attending far before it is not hearing new speech (the engine's `REWIND_SECONDS`)."""
 
     audio: np.ndarray
     prompt: str = ""
     language: str | None = None
     prefix: str = ""
     stop_before_end: float | None = None
+    prefix_end: float = 0.0
 
 
 # A streaming step that may ask the ASR for transcriptions: it yields jobs, is sent

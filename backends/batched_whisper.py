@@ -49,6 +49,11 @@ LOGPROB_LIMIT = -1.0
 NO_SPEECH_LIMIT = 0.6
 ENCODE_BATCH = 32  # windows per encoder call: enough to fill a GPU, and the activations stay bounded
 MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio (Whisper ends text on silence)
+# AlignAtt decoding: a token whose attention jumps back this far before the previous token's (or, for
+# the first, before the end of the forced prefix) is not transcribing new speech but inventing text
+# ("In terms of graph that" over a pause, every token attending to one early frame). The row ends
+# there. SimulStreaming's rewind threshold (200 encoder positions).
+REWIND_SECONDS = 4.0
 
 
 @dataclass
@@ -69,6 +74,7 @@ class _Row:
     sum_logprob: float = 0.0  # log-probabilities of the tokens taken, and of the end of text
     no_speech: float = 0.0
     stop_at: int | None = None  # AlignAtt: a token attending at or past this position ends the row
+    last_heard: int = 0  # AlignAtt: the position the previous token attended to (the prefix's end at first)
     heard: list[int] = field(default_factory=list)  # per accepted token, the position it attended to
 
     @property
@@ -302,7 +308,8 @@ class BatchedWhisper:
             stop_at = None
             if job.stop_before_end is not None:
                 stop_at = max(1, f - int(job.stop_before_end * TOKENS_PER_SECOND))
-            rows.append(_Row(job, tok, context, max_new, w, f, [], temperature, timestamps, sot_index, stop_at=stop_at))
+            rows.append(_Row(job, tok, context, max_new, w, f, [], temperature, timestamps, sot_index, stop_at=stop_at,
+                             last_heard=int(job.prefix_end * TOKENS_PER_SECOND)))
         return rows
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
@@ -448,8 +455,8 @@ class BatchedWhisper:
 
     def _accept(self, row: _Row, token: int, position: int, logprob: float, eot: int) -> bool:
         """Append `token` to `row` unless the row ends here: end of text, the token budget, or
-        (AlignAtt) a token attending past `stop_at`. Degenerate decodes are not cut here: the
-        quality checks after the decode see them whole (`transcribe_batch`)."""
+        (AlignAtt) a token attending past `stop_at` or jumping back (`REWIND_SECONDS`). Degenerate
+        decodes are not cut here: the quality checks after the decode see them whole (`transcribe_batch`)."""
         if self.force_tokens_per_second:
             if len(row.tokens) >= row.max_new:
                 row.done = True
@@ -458,10 +465,13 @@ class BatchedWhisper:
             row.sum_logprob += logprob
             row.done = True
             return False
-        elif (len(row.tokens) >= row.max_new or (row.stop_at is not None and position >= row.stop_at)
+        elif (len(row.tokens) >= row.max_new
+              or (row.stop_at is not None and (position >= row.stop_at
+                                               or row.last_heard - position > REWIND_SECONDS * TOKENS_PER_SECOND))
               or token >= row.tokenizer.timestamp_begin + row.frames + TOKENS_PER_SECOND // 2):
             row.done = True  # (the last: a timestamp half a second past the audio, only padding follows)
             return False
+        row.last_heard = position
         row.tokens.append(token)
         row.heard.append(position)
         row.sum_logprob += logprob

@@ -14,7 +14,8 @@ The last new word is held back while its attention sits near the end of the
 audio (it may still grow: "Ameri" → "Americans"). The utterance's last decode
 runs to the end of its audio, and stops at a token that attends to the audio's
 last `END_GUARD` seconds: past the speech, Whisper invents words over the
-padding. The buffer is cut at a committed clause end once it is longer than
+padding. Every decode also stops at a token whose attention jumps seconds back
+before the committed words (the engine's `REWIND_SECONDS`): such text is invented. The buffer is cut at a committed clause end once it is longer than
 `trim_seconds`; committed text before the cut becomes the prompt.
 
 Same verbs and times as `LocalAgreementPolicy`, so the session drives either.
@@ -55,7 +56,8 @@ class AlignAttPolicy(UtteranceBuffer):
         the previous decode also said (all of them on the utterance's last decode)."""
         self.processed_samples = len(self.audio)
         job = TranscribeJob(self.audio, self._prompt(), self.language, prefix=join_words(self.committed),
-                            stop_before_end=END_GUARD if final else self.frame_threshold)
+                            stop_before_end=END_GUARD if final else self.frame_threshold,
+                            prefix_end=self.committed[-1].end - self.offset if self.committed else 0.0)
         answer = yield job
         words = [w.shifted(self.offset) for s in answer for w in s.words]
         words = [w for w in words if w.text.strip()]

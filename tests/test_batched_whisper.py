@@ -80,3 +80,16 @@ def test_a_multilingual_model_without_a_language_detects_one_per_stream():
 
     used = set(engine._tokenizers) - {None}  # None: the tokenizer the detection itself used
     assert "de" in used and used <= set(LANGUAGES)
+
+
+def test_alignatt_decoding_stops_at_a_token_that_attends_far_back_before_the_committed_words(engine, speech_audio):
+    """A forced prefix said to end where the audio ends: every new token then attends seconds before
+    it, which is how invented text looks (a token not hearing new speech), so nothing comes back.
+    Told where the prefix really ends, the same decode returns the words after it."""
+    prefix = "Hello everyone, and welcome"
+    seconds = len(speech_audio) / 16000
+    honest = TranscribeJob(speech_audio, prefix=prefix, stop_before_end=0.08, prefix_end=1.5)
+    rewound = TranscribeJob(speech_audio, prefix=prefix, stop_before_end=0.08, prefix_end=seconds + 5.0)
+    got_honest, got_rewound = engine.transcribe_batch([honest, rewound])
+    assert "planning meeting" in _text(got_honest).lower()
+    assert _text(got_rewound) == ""
