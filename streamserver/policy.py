@@ -16,13 +16,22 @@ import numpy as np
 from backends.asr_types import Segment, TranscribeJob, Word, drive, join_words
 
 SAMPLE_RATE = 16000
+SENTENCE_END = (".", "?", "!")
 
 # transcribe(audio, prompt) -> segments with times relative to the audio's start
 Transcribe = Callable[[np.ndarray, str], list[Segment]]
 
 
+# Two hypotheses agree on a word when they say it at about the same place in the audio. The same
+# word seconds apart is two different words: a decode that skipped a stretch of a long buffer put
+# "the room" 6 s after "of" where the hypothesis before had it right after; committing it there
+# would also push the committed time past the skipped words, losing them for good.
+SAME_PLACE_SECONDS = 1.0
+
+
 class HypothesisBuffer:
-    """The words of the last hypothesis not yet committed, and the agreement rule."""
+    """The words of the last hypothesis not yet committed, and the agreement rule (same words,
+    in the same places)."""
 
     def __init__(self, committed_until: float = 0.0) -> None:
         self.committed_until = committed_until
@@ -35,7 +44,7 @@ class HypothesisBuffer:
         new = self._drop_repeated_head(new)
         commit: list[Word] = []
         for old, fresh in zip(self.pending, new):
-            if old.key != fresh.key:
+            if old.key != fresh.key or abs(old.start - fresh.start) > SAME_PLACE_SECONDS:
                 break
             commit.append(fresh)
         self.pending = new[len(commit):]
@@ -210,8 +219,13 @@ class LocalAgreementPolicy(UtteranceBuffer):
         return text[-self.prompt_chars:].strip()
 
     def _trim_at_segment(self, segments: list[Segment]) -> None:
-        """Cut the buffer at the last segment end that is already committed (never the last segment)."""
+        """Cut the buffer at the last segment end that is already committed (never the last segment),
+        else at the last committed sentence end. Whisper often times a long buffer as one segment:
+        without the second rule the buffer grows to `max_buffer_seconds`, and long buffers are where
+        a decode skips seconds of speech."""
         ends = [s.end for s in segments[:-1] if s.end <= self.hypothesis.committed_until]
+        if not ends:
+            ends = [w.end for w in self.hypothesis.recent_committed[:-1] if w.text.rstrip().endswith(SENTENCE_END)]
         if ends:
             self._cut(ends[-1])
 

@@ -95,3 +95,32 @@ def test_transcript_lines_grow_at_the_end_only():
     t.add_words(words((7.2, "again")))
     assert [(l.speaker, l.text) for l in t.lines] == [(-2, ""), (1, "hello there"), (-2, ""), (1, "again")]
     assert t.lines[2].end == 7.0 and t.lines[1].start == 2.6
+
+
+def test_the_same_word_seconds_apart_is_not_agreement():
+    """A decode that skipped part of a long buffer says "the room" 6 s later than the one before:
+    committing it would also put the committed time past the skipped words."""
+    buf = HypothesisBuffer()
+    buf.insert(words((9.7, "of"), (10.1, "the"), (10.2, "room"), (12.1, "reinforce")))
+    committed = buf.insert(words((9.7, "of"), (16.4, "the"), (18.5, "room")))
+    assert [w.text.strip() for w in committed] == ["of"]
+
+
+class OneSegmentASR:
+    """Times every word of a 0.5-s grid as one segment (as Whisper often does for a long buffer),
+    with a full stop after every sixth word."""
+
+    def __call__(self, audio: np.ndarray, prompt: str) -> list[Segment]:
+        n = int(len(audio) / 16000 / 0.5)
+        out = tuple(Word(i * 0.5, i * 0.5 + 0.4, f" w{i}" + ("." if i % 6 == 5 else "")) for i in range(n))
+        return [Segment(0.0, n * 0.5, out)] if out else []
+
+
+def test_a_long_buffer_timed_as_one_segment_is_cut_at_a_committed_sentence_end():
+    policy = LocalAgreementPolicy(OneSegmentASR(), trim_seconds=5.0, max_buffer_seconds=25.0)
+    longest = 0.0
+    for _ in range(20):
+        policy.insert_audio(np.zeros(16000, np.float32))
+        policy.process()
+        longest = max(longest, policy.buffer_seconds)
+    assert longest < 10.0  # cut at sentence ends, never left to grow to 25 s
