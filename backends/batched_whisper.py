@@ -192,8 +192,15 @@ class BatchedWhisper:
             todo = retry
         for k, i in enumerate(live):
             row, w = final[k]
-            out[i] = [] if row.silent else self._segments(row, w)
+            out[i] = [] if row.silent or self._untrusted(row) else self._segments(row, w)
         return out
+
+    def _untrusted(self, row: _Row) -> bool:
+        """A continuation of committed text (AlignAtt's forced prefix) that failed the checks at every
+        temperature says nothing. openai-whisper keeps its last sample because a window has no second
+        chance; a stream's next decode is its second chance, and after the last words of an utterance
+        the samples are what Whisper says over nothing (a lone "You" after the final sentence)."""
+        return bool(row.job.prefix.strip()) and row.degenerate and not self.force_tokens_per_second
 
     def encode(self, audios: list[np.ndarray]) -> tuple[torch.Tensor, list[int], list[int]]:
         """Encoder output for each audio, padded to the longest bucket.

@@ -93,3 +93,19 @@ def test_alignatt_decoding_stops_at_a_token_that_attends_far_back_before_the_com
     got_honest, got_rewound = engine.transcribe_batch([honest, rewound])
     assert "planning meeting" in _text(got_honest).lower()
     assert _text(got_rewound) == ""
+
+
+def test_a_continuation_that_fails_every_quality_check_says_nothing(engine, speech_audio, monkeypatch):
+    """With every decode judged degenerate, a window on its own keeps its last decode (as openai-whisper
+    does: it has no second chance), but a continuation of committed text (AlignAtt's prefix) returns
+    nothing: the stream's next decode is its second chance."""
+    import backends.batched_whisper as bw
+
+    monkeypatch.setattr(bw, "COMPRESSION_RATIO_LIMIT", 0.0)
+    monkeypatch.setattr(engine, "temperatures", (0.0,))
+    alone, continued = engine.transcribe_batch([
+        TranscribeJob(speech_audio),
+        TranscribeJob(speech_audio, prefix="Hello everyone, and welcome", stop_before_end=0.08, prefix_end=1.5),
+    ])
+    assert "planning meeting" in _text(alone).lower()
+    assert continued == []
