@@ -15,7 +15,8 @@ audio (it may still grow: "Ameri" → "Americans"). The utterance's last decode
 runs to the end of its audio, and stops at a token that attends to the audio's
 last `END_GUARD` seconds: past the speech, Whisper invents words over the
 padding. Every decode also stops at a token whose attention jumps seconds back
-before the committed words (the engine's `REWIND_SECONDS`): such text is invented. The buffer is cut at a committed clause end once it is longer than
+before the committed words (the engine's `REWIND_SECONDS`): such text is
+invented. The buffer is cut at a committed clause end once it is longer than
 `trim_seconds`; committed text before the cut becomes the prompt.
 
 Same verbs and times as `LocalAgreementPolicy`, so the session drives either.
