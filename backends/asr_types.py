@@ -44,6 +44,10 @@ class Segment:
         return Segment(self.start + offset, self.end + offset, tuple(w.shifted(offset) for w in self.words))
 
 
+# Where a sentence or clause ends in Whisper's text: the places a policy may cut its audio buffer.
+SENTENCE_END = (".", "?", "!")
+CLAUSE_END = SENTENCE_END + (",", ";", ":")
+
 MIN_LOOP_WORDS = 3  # a run of this many words said again straight after itself is a loop
 
 

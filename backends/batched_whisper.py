@@ -32,13 +32,11 @@ from whisper.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters
 from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from .asr_types import Segment, TranscribeJob, Word, without_repeats
+from .asr_types import CLAUSE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import DecoderStep, StepBuffers, merge_heads, pick, split_heads, timestamp_rules
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
-SENTENCE_END = (".", "?", "!")
-CLAUSE_END = SENTENCE_END + (",", ";", ":")
 # openai-whisper's `transcribe` guards: a decode whose text compresses better than this (gzip) or
 # whose mean token log-probability is below that is degenerate (a loop, a guess) and is decoded
 # again at the next temperature; a window whose no-speech probability is over NO_SPEECH_LIMIT and

@@ -20,27 +20,16 @@ def wer(reference: str, hypothesis: str) -> float:
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
     """Word substitutions + deletions + insertions turning `ref` into `hyp`."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    return int(_edit_table(ref, hyp)[-1, -1])
 
 
 def reference_heard(ref: list[str], hyp: list[str]) -> list[bool]:
     """For each reference word, whether a minimum-edit alignment gives it a hypothesis word (a match
     or a substitution) rather than deleting it. Ties prefer the substitution, so a misrecognised
     word ("a liner" for "aligner") counts as heard: only words with nothing said for them are not."""
-    n, m = len(ref), len(hyp)
-    d = np.zeros((n + 1, m + 1), dtype=np.int32)
-    d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
-    heard = [False] * n
-    i, j = n, m
+    d = _edit_table(ref, hyp)
+    heard = [False] * len(ref)
+    i, j = len(ref), len(hyp)
     while i > 0:
         if j > 0 and d[i, j] == d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
             heard[i - 1] = True
@@ -50,6 +39,19 @@ def reference_heard(ref: list[str], hyp: list[str]) -> list[bool]:
         else:
             j -= 1
     return heard
+
+
+def _edit_table(ref: list[str], hyp: list[str]) -> np.ndarray:
+    """d[i, j]: word edits turning ref[:i] into hyp[:j]."""
+    n, m = len(ref), len(hyp)
+    d = np.zeros((n + 1, m + 1), dtype=np.int32)
+    d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        prev, cur, r = d[i - 1].tolist(), d[i].tolist(), ref[i - 1]
+        for j in range(1, m + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != hyp[j - 1]))
+        d[i] = cur
+    return d
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-from backends.asr_types import Segment, TranscribeJob, Word, join_words
+from backends.asr_types import CLAUSE_END, Segment, TranscribeJob, Word, join_words
 
-from .policy import PolicyOutput, UtteranceBuffer
+from .policy import PolicyOutput, UtteranceBuffer, agreed_prefix
 
-CLAUSE_END = (".", "?", "!", ",", ";", ":")
 # The last decode of an utterance stops at a token attending this close to the end of its audio
 # (4 encoder positions, as SimulStreaming's last chunk): what comes after the speech is padding.
 END_GUARD = 0.08
@@ -65,11 +64,7 @@ class AlignAttPolicy(UtteranceBuffer):
         if final:
             commit, self.held = words, []
         else:
-            agreed = 0
-            for old, new in zip(self.held, words):
-                if old.key != new.key:
-                    break
-                agreed += 1
+            agreed = agreed_prefix(self.held, words)
             if agreed == len(words) and words and words[-1].end >= self.end_time - self.frame_threshold - 0.3:
                 agreed -= 1  # the word at the edge may still be growing
             commit, self.held = words[:agreed], words[agreed:]

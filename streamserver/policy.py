@@ -8,15 +8,15 @@ whisper_streaming's `HypothesisBuffer` + `OnlineASRProcessor`, with typed words.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import Segment, TranscribeJob, Word, drive, join_words
+from backends.asr_types import SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words
 
 SAMPLE_RATE = 16000
-SENTENCE_END = (".", "?", "!")
 
 # transcribe(audio, prompt) -> segments with times relative to the audio's start
 Transcribe = Callable[[np.ndarray, str], list[Segment]]
@@ -27,6 +27,17 @@ Transcribe = Callable[[np.ndarray, str], list[Segment]]
 # "the room" 6 s after "of" where the hypothesis before had it right after; committing it there
 # would also push the committed time past the skipped words, losing them for good.
 SAME_PLACE_SECONDS = 1.0
+
+
+def agreed_prefix(old: list[Word], new: list[Word], max_shift: float = math.inf) -> int:
+    """How many leading words two consecutive hypotheses share: the same word (case and punctuation
+    aside), at most `max_shift` seconds apart."""
+    n = 0
+    for a, b in zip(old, new):
+        if a.key != b.key or abs(a.start - b.start) > max_shift:
+            break
+        n += 1
+    return n
 
 
 class HypothesisBuffer:
@@ -42,12 +53,8 @@ class HypothesisBuffer:
         """Commit the prefix `words` shares with the previous hypothesis; keep the rest pending."""
         new = [w for w in words if w.start > self.committed_until - 0.1]
         new = self._drop_repeated_head(new)
-        commit: list[Word] = []
-        for old, fresh in zip(self.pending, new):
-            if old.key != fresh.key or abs(old.start - fresh.start) > SAME_PLACE_SECONDS:
-                break
-            commit.append(fresh)
-        self.pending = new[len(commit):]
+        agreed = agreed_prefix(self.pending, new, SAME_PLACE_SECONDS)
+        commit, self.pending = new[:agreed], new[agreed:]
         self._committed(commit)
         return commit
 
