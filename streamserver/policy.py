@@ -231,8 +231,9 @@ class LocalAgreementPolicy(UtteranceBuffer):
         without the second rule the buffer grows to `max_buffer_seconds`, and long buffers are where
         a decode skips seconds of speech."""
         ends = [s.end for s in segments[:-1] if s.end <= self.hypothesis.committed_until]
-        if not ends:
-            ends = [w.end for w in self.hypothesis.recent_committed[:-1] if w.text.rstrip().endswith(SENTENCE_END)]
+        if not ends:  # cut at the start of the word after the sentence, so no pause opens the new buffer
+            done = self.hypothesis.recent_committed
+            ends = [nxt.start for w, nxt in zip(done, done[1:]) if w.text.rstrip().endswith(SENTENCE_END)]
         if ends:
             self._cut(ends[-1])
 
