@@ -85,7 +85,8 @@ class TranscribeJob:
 
     For AlignAtt-style decoding, `prefix` is text already committed for this buffer (forced, not
     decoded again; only the words after it come back), and `stop_before_end` (seconds) ends the
-    decoding at the first token whose attention reaches that close to the end of the audio.
+    decoding at the first token whose attention reaches that close to the end of the audio (0: past
+    its end, into the window's padding, where there is nothing to hear).
     `prefix_end` (seconds into the audio) is where the prefix's words were heard: a new token
     attending far before it is not hearing new speech (the engine's `REWIND_SECONDS`)."""
 

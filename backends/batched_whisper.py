@@ -345,11 +345,8 @@ class BatchedWhisper:
         cross = self._cross_kv(encoded, buf)
         positions_t = torch.arange(buf.audio_ctx, device=dev)[None, :]
         windows = torch.tensor([r.window for r in rows], device=dev)
-        heard_ok = torch.tensor([r.frames for r in rows], device=dev)
         buf.cross_ok[:n] = positions_t[:, None, None, :] == 0
         buf.cross_ok[:B] = (positions_t < windows[:, None])[:, None, None, :]
-        buf.audio_ok[:n] = positions_t[:, None, :] == 0
-        buf.audio_ok[:B] = (positions_t < heard_ok[:, None])[:, None, :]
         tok = rows[0].tokenizer
         buf.suppress.zero_()
         buf.suppress[self._suppress_ids(tok)] = -math.inf
@@ -380,7 +377,7 @@ class BatchedWhisper:
         buf.last_ts[:B] = took_ts
         buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
         first_logprob = logp.gather(1, first[:, None])[:, 0]
-        heard = self._attended(attn, buf.audio_ok[:B, :, :T])
+        heard = self._attended(attn, buf.cross_ok[:B, 0, :, :T])
         captured = [attn[:, :, -1:]] if attn is not None else []
         buf.token[:B, 0] = first
         buf.pos[:B, 0] = L0 - pads
@@ -451,11 +448,13 @@ class BatchedWhisper:
     def _capture(self) -> bool:
         return bool(self._align)
 
-    def _attended(self, attn: torch.Tensor | None, audio_mask: torch.Tensor) -> torch.Tensor:
-        """The audio position each row's newest token attends to most (alignment heads' mean), [B]."""
+    def _attended(self, attn: torch.Tensor | None, window_mask: torch.Tensor) -> torch.Tensor:
+        """The window position each row's newest token attends to most (alignment heads' mean), [B].
+        The padding after the audio counts: a token looking there is not hearing speech, and
+        AlignAtt stops at it (`stop_at` is at or before the audio's end)."""
         if attn is None:
-            return torch.zeros(audio_mask.shape[0], dtype=torch.long, device=self.device)
-        w = attn[:, :, -1, : audio_mask.shape[-1]].masked_fill(~audio_mask, -math.inf).softmax(-1)
+            return torch.zeros(window_mask.shape[0], dtype=torch.long, device=self.device)
+        w = attn[:, :, -1, : window_mask.shape[-1]].masked_fill(~window_mask, -math.inf).softmax(-1)
         return w.mean(1).argmax(-1)
 
     def _accept(self, row: _Row, token: int, position: int, logprob: float, eot: int) -> bool:

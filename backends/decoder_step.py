@@ -44,7 +44,6 @@ class StepBuffers:
         self.cross_v = [zeros(rows, heads, audio_ctx, dh) for _ in range(d.n_text_layer)]
         self.key_ok = zeros(rows, S, dt=torch.bool)  # self-attention keys a row may see (not its left padding)
         self.cross_ok = zeros(rows, 1, 1, audio_ctx, dt=torch.bool)  # its window's audio positions
-        self.audio_ok = zeros(rows, 1, audio_ctx, dt=torch.bool)  # positions holding its audio (for timing)
         self.token = zeros(rows, 1, dt=torch.long)
         self.pos = zeros(rows, 1, dt=torch.long)
         self.slot = zeros(1, dt=torch.long)
@@ -167,7 +166,7 @@ class DecoderStep:
         if captured:
             attn = torch.cat(captured, dim=1)
             b.attn[:n, :, :, :t].copy_(attn)
-            w = attn[:, :, -1].masked_fill(~b.audio_ok[:n, :, :t], -math.inf).softmax(-1)
+            w = attn[:, :, -1].masked_fill(~b.cross_ok[:n, 0, :, :t], -math.inf).softmax(-1)
             b.heard[:n].copy_(w.mean(1).argmax(-1))
         b.next[:n].copy_(nxt)
         b.token[:n, 0].copy_(nxt)

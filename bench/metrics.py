@@ -70,7 +70,7 @@ def der(reference: list[tuple[float, float, str]], hypothesis: list[tuple[float,
 
     Returns der, missed, false_alarm, confusion (each a fraction of scored reference speech).
     """
-    from itertools import permutations
+    from scipy.optimize import linear_sum_assignment
 
     end = max([e for _, e, _ in reference] + [e for _, e, _ in hypothesis] + [0.0])
     n = int(end / step) + 1
@@ -92,13 +92,9 @@ def der(reference: list[tuple[float, float, str]], hypothesis: list[tuple[float,
     total = n_ref.sum()
     missed = np.maximum(n_ref - n_hyp, 0).sum()
     false_alarm = np.maximum(n_hyp - n_ref, 0).sum()
-    size = max(len(ref_names), len(hyp))
-    ref_p = np.zeros((size, ref.shape[1]), bool)
-    hyp_p = np.zeros((size, ref.shape[1]), bool)
-    ref_p[: len(ref)] = ref
-    hyp_p[: len(hyp)] = hyp
-    best_correct = max(sum((ref_p[i] & hyp_p[j]).sum() for i, j in enumerate(perm))
-                       for perm in permutations(range(size)))
+    overlap = ref.astype(np.int64) @ hyp.T.astype(np.int64)  # [ref speakers, hyp speakers]
+    rows, cols = linear_sum_assignment(overlap, maximize=True)  # the best one-to-one mapping
+    best_correct = overlap[rows, cols].sum()
     confusion = np.minimum(n_ref, n_hyp).sum() - best_correct
     total = max(total, 1)
     return {"der": (missed + false_alarm + confusion) / total, "missed": missed / total,

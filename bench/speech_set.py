@@ -46,7 +46,18 @@ class Clip:
     path: Path
     seconds: float
     kind: str
-    reference: str  # cleaned, ready for the normaliser
+    reference: str  # cleaned, ready for the normaliser ("" for a clip with speaker turns only)
+    speakers: int = 1  # people speaking, from the manifest
+    rttm: Path | None = None  # reference speaker turns, when the set has them
+
+    def turns(self) -> list[tuple[float, float, str]]:
+        """The reference speaker turns: (start, end, speaker) from the RTTM beside the WAV."""
+        out = []
+        for line in self.rttm.read_text().splitlines() if self.rttm else []:
+            f = line.split()
+            if f and f[0] == "SPEAKER":
+                out.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+        return sorted(out)
 
     def pcm16(self) -> bytes:
         with wave.open(str(self.path)) as w:
@@ -69,17 +80,26 @@ def clean_reference(text: str) -> str:
 
 def load_clips(folder: Path = DEFAULT_SET, names: list[str] | None = None) -> list[Clip]:
     """Clips of the set that have a reference transcript (speaker-turn-only clips are skipped)."""
-    manifest = Path(folder) / "manifest.tsv"
+    return [c for c in _manifest(folder, names) if c.reference]
+
+
+def load_diarized(folder: Path = DEFAULT_SET, names: list[str] | None = None) -> list[Clip]:
+    """Clips of the set that have reference speaker turns (an RTTM beside the WAV)."""
+    return [c for c in _manifest(folder, names) if c.rttm is not None]
+
+
+def _manifest(folder: Path, names: list[str] | None) -> list[Clip]:
     clips = []
-    with open(manifest, newline="") as f:
+    with open(Path(folder) / "manifest.tsv", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
-            if row["transcript"].strip() in ("", "none"):
-                continue
             name = row["file"].removesuffix(".wav")
             if names and name not in names:
                 continue
+            text = row["transcript"].strip()
+            rttm = Path(folder) / f"{name}.rttm"
             clips.append(Clip(name, Path(folder) / row["file"], float(row["seconds"]), row["kind"],
-                              clean_reference(row["transcript"])))
+                              "" if text in ("", "none") else clean_reference(text),
+                              int(row.get("speakers") or 1), rttm if rttm.exists() else None))
     return clips
 
 

@@ -12,9 +12,10 @@ back. Only the words past the committed prefix are decoded again, so an update
 costs a fraction of LocalAgreement-2's, which decodes every word of the buffer.
 The last new word is held back while its attention sits near the end of the
 audio (it may still grow: "Ameri" → "Americans"). The utterance's last decode
-runs to the end of its audio, and stops at a token that attends to the audio's
-last `END_GUARD` seconds: past the speech, Whisper invents words over the
-padding. Every decode also stops at a token whose attention jumps seconds back
+runs to the end of its audio, and stops at a token that attends past it, into
+the window's padding: Whisper invents words there ("So let's check this out"
+after a speaker's last sentence), while a word spoken in the audio's last
+hundredths of a second still attends to the audio. Every decode also stops at a token whose attention jumps seconds back
 before the committed words (the engine's `REWIND_SECONDS`): such text is
 invented. The buffer is cut at a committed clause end once it is longer than
 `trim_seconds`; committed text before the cut becomes the prompt.
@@ -29,9 +30,10 @@ from backends.asr_types import CLAUSE_END, Segment, TranscribeJob, Word, join_wo
 
 from .policy import PolicyOutput, UtteranceBuffer, agreed_prefix
 
-# The last decode of an utterance stops at a token attending this close to the end of its audio
-# (4 encoder positions, as SimulStreaming's last chunk): what comes after the speech is padding.
-END_GUARD = 0.08
+# The last decode of an utterance stops at a token attending this close to the end of its audio:
+# none, so only tokens attending to the padding after it. (SimulStreaming keeps 4 positions, 80 ms,
+# but its attention never looks at the padding; a word ending the stream sits in those 80 ms.)
+END_GUARD = 0.0
 
 
 class AlignAttPolicy(UtteranceBuffer):

@@ -33,3 +33,28 @@ def test_committed_lines_that_change_or_go_back_in_time_are_counted():
     assert (check.changed, check.backwards) == (0, 0)
     check.update([{"speaker": 1, "text": "Yellow there, friend", "start_s": 0.0, "end_s": 0.5}])
     assert (check.changed, check.backwards) == (1, 1)
+
+
+def test_der_maps_many_speakers_one_to_one_whatever_their_labels():
+    from bench.metrics import der
+
+    reference = [(2.0 * i, 2.0 * i + 2.0, f"S{i}") for i in range(14)]  # a 14-speaker meeting
+    relabelled = [(s, e, 100 - i) for i, (s, e, _) in enumerate(reference)]
+    assert der(reference, relabelled)["der"] == 0.0
+    merged = [(s, e, 0 if i < 2 else 100 - i) for i, (s, e, _) in enumerate(reference)]  # two voices as one
+    scores = der(reference, merged)
+    assert scores["missed"] == scores["false_alarm"] == 0.0
+    assert abs(scores["confusion"] - 1 / 14) < 0.01  # one of the two merged turns is scored wrong
+
+
+def test_the_speech_set_lists_its_recordings_with_speaker_turns():
+    from bench.speech_set import DEFAULT_SET, load_diarized
+
+    if not (DEFAULT_SET / "manifest.tsv").exists():
+        import pytest
+
+        pytest.skip("../shared/speech is not beside the repository")
+    clips = {c.name: c for c in load_diarized()}
+    two = clips["conversational_childes_father_child"]
+    assert two.speakers == 2 and len({speaker for _, _, speaker in two.turns()}) == 2
+    assert all(s < e for s, e, _ in two.turns())
