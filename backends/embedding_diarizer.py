@@ -1,15 +1,18 @@
-"""Online speaker diarization from speaker embeddings, with weights that install with the project.
+"""Speaker diarization from speaker embeddings, with weights that install with the project.
 
 The speaker encoder is resemblyzer's (PyPI `resemblyzer`, which ships its
-weights), shared per device. Each stream keeps its own speakers as centroids of
-L2-normalised embeddings: a window close enough to a centroid (cosine) joins it,
-otherwise it starts a new speaker, up to `max_speakers`.
+weights), shared per device. Windows of `WINDOW_SECONDS` slide over each speech
+region (from the VAD probabilities the session passes in) with hop `HOP_SECONDS`;
+each window speaks for the hop at its centre (the first and last windows of a region
+also for its edges; a region shorter than a window is embedded whole).
 
-Windows of `WINDOW_SECONDS` slide over each speech region (from the VAD
-probabilities the session passes in) with hop `HOP_SECONDS`; a window labels
-the first hop of its span, so a label is final `WINDOW_SECONDS` after the audio
-it labels arrived (that is the latency), and the end of a region is labelled
-when the VAD closes it. Silence is covered as soon as the VAD says so.
+Who is who is decided by clustering all of the stream's windows again every
+`SETTLE_WINDOWS` new windows (`speaker_clusters`): a label is given out once its window
+is `SETTLE_WINDOWS` windows old, so the label of speech still in `buffer_diarization`
+can change while evidence accumulates, and a label given out never changes. A region's
+labels are all given out when the VAD closes it. A stream diarized as a whole (a file:
+`new_state(whole=True)`) gives out nothing before `flush`, so one clustering of every
+window decides.
 """
 from __future__ import annotations
 
@@ -20,34 +23,55 @@ import numpy as np
 import torch
 
 from .diarization_types import SpeakerTurn
+from .speaker_clusters import MIN_SIZE, THRESHOLD, cluster, stable_labels
 
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 1.6  # resemblyzer's partial utterance
-HOP_SECONDS = 0.8
-MIN_SECONDS = 0.4  # shorter speech is labelled by its neighbours' speaker, not embedded
+HOP_SECONDS = 0.4
+MIN_SECONDS = 0.4  # shorter regions are tiled up to this before embedding
+SETTLE_WINDOWS = 4  # a window's label is given out this many windows later (1.6 s)
 END_SILENCE_WINDOWS = 10  # 0.32 s of VAD silence closes a region
-SIMILARITY_THRESHOLD = 0.75
+MAX_WINDOWS = 800  # windows kept for clustering; older given-out ones are thinned past this
 VAD_WINDOW = 512
 
 _WIN = int(WINDOW_SECONDS * SAMPLE_RATE)
 _HOP = int(HOP_SECONDS * SAMPLE_RATE)
+_EDGE = (_WIN - _HOP) // 2  # a window speaks for [offset + _EDGE, offset + _EDGE + _HOP)
+
+
+@dataclass
+class _Piece:
+    """Speech [start, end) (absolute samples) labelled by the window `window` (an index into the state's)."""
+
+    start: int
+    end: int
+    window: int
 
 
 @dataclass
 class EmbeddingState:
+    whole: bool = False  # diarize the stream as a whole: give out nothing before flush
     samples: int = 0  # stream samples seen
     region_start: int | None = None  # absolute sample where the open speech region began
     region_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    labelled_until: int = 0  # absolute sample up to which the open region is labelled
+    next_window: int = 0  # region offset of the next window to embed
     last_speech_end: int = 0
     silent_windows: int = 0
-    sums: list[np.ndarray] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    to_embed: list[np.ndarray] = field(default_factory=list)  # windows queued, embedded in one batch when needed
+    labels: list[int | None] = field(default_factory=list)  # given-out label of each window
+    pending: list[_Piece] = field(default_factory=list)  # speech waiting for its window's label
+    given_until: int = 0  # absolute sample where the speech given out so far ends
     covered_until: float = 0.0
+
+    @property
+    def windows(self) -> int:
+        return len(self.embeddings) + len(self.to_embed)
 
 
 class EmbeddingDiarizer:
-    def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 4,
-                 threshold: float = SIMILARITY_THRESHOLD) -> None:
+    def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 8,
+                 threshold: float = THRESHOLD, min_size: int = MIN_SIZE) -> None:
         with warnings.catch_warnings():  # resemblyzer → webrtcvad imports the deprecated pkg_resources
             warnings.simplefilter("ignore")
             from resemblyzer import VoiceEncoder
@@ -57,9 +81,10 @@ class EmbeddingDiarizer:
         self.encoder = VoiceEncoder(device, verbose=False)
         self.max_speakers = max_speakers
         self.threshold = threshold
+        self.min_size = min_size
 
-    def new_state(self) -> EmbeddingState:
-        return EmbeddingState()
+    def new_state(self, whole: bool = False) -> EmbeddingState:
+        return EmbeddingState(whole=whole)
 
     def process(self, state: EmbeddingState, audio: np.ndarray, vad_probs: np.ndarray) -> list[SpeakerTurn]:
         turns: list[SpeakerTurn] = []
@@ -69,7 +94,7 @@ class EmbeddingDiarizer:
             state.samples += len(window)
             if p >= 0.5:
                 if state.region_start is None:
-                    state.region_start = state.labelled_until = start
+                    state.region_start, state.next_window = start, 0
                     state.region_audio = np.zeros(0, np.float32)
                 state.silent_windows = 0
                 state.last_speech_end = state.samples
@@ -79,71 +104,102 @@ class EmbeddingDiarizer:
                 state.region_audio = np.concatenate([state.region_audio, window])
                 if state.silent_windows >= END_SILENCE_WINDOWS:
                     turns += self._close_region(state)
-        if state.region_start is not None:
-            turns += self._label_full_windows(state)
+                else:  # (window by window, so the labels do not depend on how the audio was cut)
+                    turns += self._window_if_complete(state)
         self._update_coverage(state)
         return turns
 
     def flush(self, state: EmbeddingState) -> list[SpeakerTurn]:
-        turns = self._close_region(state) if state.region_start is not None else []
+        turns = self._close_region(state, final=True) if state.region_start is not None else []
+        turns += self._give_out(state, state.windows, final=True)
         state.covered_until = state.samples / SAMPLE_RATE
         return turns
 
     # -- internals --------------------------------------------------------
-    def _label_full_windows(self, state: EmbeddingState) -> list[SpeakerTurn]:
-        """Every window that is now complete labels the hop at its start."""
-        offsets = []
-        while state.labelled_until - state.region_start + _WIN <= len(state.region_audio):
-            offsets.append(state.labelled_until - state.region_start)
-            state.labelled_until += _HOP
-        if not offsets:
+    def _window_if_complete(self, state: EmbeddingState) -> list[SpeakerTurn]:
+        """A window of the open region just completed: queue it and the speech it labels; every
+        `SETTLE_WINDOWS` windows, cluster again and give out the labels of the older ones."""
+        o = state.next_window
+        if o + _WIN > len(state.region_audio):
             return []
-        labels = self._assign(state, [state.region_audio[o:o + _WIN] for o in offsets])
-        return [SpeakerTurn((state.region_start + o) / SAMPLE_RATE, (state.region_start + o + _HOP) / SAMPLE_RATE,
-                            label) for o, label in zip(offsets, labels)]
+        state.next_window += _HOP
+        state.pending.append(_Piece(state.region_start + (0 if o == 0 else o + _EDGE),
+                                    state.region_start + o + _EDGE + _HOP, state.windows))
+        state.to_embed.append(state.region_audio[o:o + _WIN])
+        if state.windows % SETTLE_WINDOWS:
+            return []
+        return self._give_out(state, state.windows - SETTLE_WINDOWS)
 
-    def _close_region(self, state: EmbeddingState) -> list[SpeakerTurn]:
-        """The region ended: label what is left from the last `WINDOW_SECONDS` of it."""
-        turns = self._label_full_windows(state)
-        end = max(state.last_speech_end, state.labelled_until)
-        if end > state.labelled_until:
-            tail = state.region_audio[: end - state.region_start][-_WIN:]
-            if len(tail) >= MIN_SECONDS * SAMPLE_RATE:
-                label = self._assign(state, [tail])[0]
-            elif turns:
-                label = turns[-1].speaker
-            else:
-                repeats = int(np.ceil(MIN_SECONDS * SAMPLE_RATE / max(len(tail), 1)))
-                label = self._assign(state, [np.tile(tail, repeats)])[0]
-            turns.append(SpeakerTurn(state.labelled_until / SAMPLE_RATE, end / SAMPLE_RATE, label))
+    def _close_region(self, state: EmbeddingState, final: bool = False) -> list[SpeakerTurn]:
+        """The region ended: its speech up to the last speech is labelled, and given out."""
+        end = state.last_speech_end
+        region_pieces = [p for p in state.pending if p.start >= state.region_start]
+        done_until = region_pieces[-1].end if region_pieces else state.region_start
+        if end > done_until:
+            if region_pieces:  # the tail: the region's last window speaks for it too
+                region_pieces[-1].end = end
+            else:  # shorter than a window: embed it whole
+                tail = state.region_audio[: end - state.region_start]
+                if len(tail) < MIN_SECONDS * SAMPLE_RATE:
+                    tail = np.tile(tail, int(np.ceil(MIN_SECONDS * SAMPLE_RATE / max(len(tail), 1))))
+                state.pending.append(_Piece(state.region_start, end, state.windows))
+                state.to_embed.append(tail)
+        for p in region_pieces:
+            p.end = min(p.end, end)
+        state.pending = [p for p in state.pending if p.end > p.start]
         state.region_start = None
         state.region_audio = np.zeros(0, np.float32)
-        state.labelled_until = end
         state.silent_windows = 0
+        return self._give_out(state, state.windows, final)
+
+    def _give_out(self, state: EmbeddingState, upto: int, final: bool = False) -> list[SpeakerTurn]:
+        """Cluster every window again; windows before `upto` get their labels, and so does their speech."""
+        if state.to_embed:
+            state.embeddings += list(self._embed(state.to_embed))
+            state.labels += [None] * len(state.to_embed)
+            state.to_embed = []
+        if (state.whole and not final) or not state.embeddings:
+            return []
+        clusters = cluster(np.stack(state.embeddings), self.threshold, self.min_size, self.max_speakers)
+        label_of = stable_labels(clusters, state.labels)
+        for i in range(upto):
+            if state.labels[i] is None:
+                state.labels[i] = label_of[int(clusters[i])]
+        turns, waiting = [], []
+        for p in state.pending:
+            if p.window < upto:
+                turns.append(SpeakerTurn(p.start / SAMPLE_RATE, p.end / SAMPLE_RATE, state.labels[p.window]))
+                state.given_until = max(state.given_until, p.end)
+            else:
+                waiting.append(p)
+        state.pending = waiting
+        self._thin(state)
         return turns
 
-    def _update_coverage(self, state: EmbeddingState) -> None:
-        if state.region_start is None:
-            state.covered_until = state.samples / SAMPLE_RATE
-        else:
-            state.covered_until = max(state.covered_until, state.labelled_until / SAMPLE_RATE)
+    def _thin(self, state: EmbeddingState) -> None:
+        """Past `MAX_WINDOWS`, drop every other labelled window of the older half (none still pending)."""
+        n = len(state.embeddings)
+        if n <= MAX_WINDOWS:
+            return
+        lowest_pending = min((p.window for p in state.pending), default=n)
+        old = min(n // 2, lowest_pending)
+        keep = [i for i in range(old) if i % 2 == 0] + list(range(old, n))
+        index = {old_i: new_i for new_i, old_i in enumerate(keep)}
+        state.embeddings = [state.embeddings[i] for i in keep]
+        state.labels = [state.labels[i] for i in keep]
+        for p in state.pending:
+            p.window = index[p.window]
 
-    def _assign(self, state: EmbeddingState, clips: list[np.ndarray]) -> list[int]:
-        labels = []
-        for emb in self._embed(clips):
-            if state.sums:
-                centroids = np.stack([s / np.linalg.norm(s) for s in state.sums])
-                sims = centroids @ emb
-                best = int(np.argmax(sims))
-                if sims[best] < self.threshold and len(state.sums) < self.max_speakers:
-                    best = len(state.sums)
-                    state.sums.append(np.zeros_like(emb))
-            else:
-                best = 0
-                state.sums.append(np.zeros_like(emb))
-            state.sums[best] += emb
-            labels.append(best)
-        return labels
+    def _update_coverage(self, state: EmbeddingState) -> None:
+        """Labelled up to the first speech still waiting; else up to now outside speech, or up to
+        what was given out of the open region."""
+        if state.pending:
+            until = state.pending[0].start
+        elif state.region_start is None:
+            until = state.samples
+        else:
+            until = max(state.region_start, state.given_until)
+        state.covered_until = max(state.covered_until, until / SAMPLE_RATE)
 
     @torch.inference_mode()
     def _embed(self, clips: list[np.ndarray]) -> np.ndarray:

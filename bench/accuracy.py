@@ -37,6 +37,7 @@ from bench.speech_set import (  # noqa: E402
 @dataclass
 class LiveResult:
     text: str = ""
+    lines: list[dict] = field(default_factory=list)  # the final update's lines
     error: str | None = None
     updates: int = 0
     check: LinesCheck = field(default_factory=LinesCheck)
@@ -68,7 +69,7 @@ async def stream_clip(url: str, pcm: bytes, chunk_ms: int = 100, pace: float = 1
             except ServerError as exc:
                 result.error = str(exc)
             result.check.finish(last)
-            result.text = caption_text(last)
+            result.text, result.lines = caption_text(last), last
             await send_task
     except Exception as exc:  # noqa: BLE001 - a benchmark reports, it doesn't crash
         result.error = f"{type(exc).__name__}: {exc}"

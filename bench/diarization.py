@@ -1,29 +1,46 @@
-"""DER (collar 0.25 s) and cost per audio second of each diarization backend on a generated conversation.
+"""Speakers on real conversations and meetings: DER per recording, live and offline.
 
-    python bench/diarization.py [--sortformer-model FILE.nemo] [--turns 8]
+    python bench/diarization.py                        # every recording of ../shared/speech with speaker turns
+    python bench/diarization.py --modes backend        # the diarizers alone (no Whisper): a minute
+    python bench/diarization.py --clips conversational_childes_father_child --modes live,offline
+    python bench/diarization.py --modes backend --sortformer-model FILE.nemo
 
-The conversation is two espeak-ng voices taking turns (tests/voices.py), streamed
-through Silero VAD and the backend in 0.5-s pieces as the server does. The
-Sortformer backend is measured only with a real checkpoint (none can be
-downloaded here); its tiny random-weight test model would give a meaningless DER.
+The reference turns are the RTTM beside each WAV (see `../shared/speech/README.md`). Three measures:
+- backend: the live diarizer alone, fed Silero VAD and the audio in 0.5-s pieces as a session feeds
+  it; its own turns. Shows what the diarizer does apart from Whisper, and its cost per audio second.
+- live: the recording streamed through `/asr` of a server started here with `--diarization` at
+  real-time pace; the turns are the final update's lines (`start_s`, `end_s`, `speaker`), so speech
+  that Whisper did not transcribe counts as missed.
+- offline: a `/jobs` job with `diarization=true` on the same server; the turns are its result's segments.
+
+DER with a 0.25-s collar and its missed / false-alarm / confusion split (overlapped speech counts
+each speaker, so one label per moment misses the others), the speakers found against the
+reference, pooled DER weighted by each recording's scored speech.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.vad import SileroVAD  # noqa: E402
+from bench.accuracy import start_server, stream_clip  # noqa: E402
 from bench.metrics import der  # noqa: E402
-from tests.voices import CONVERSATION, make_conversation  # noqa: E402
+from bench.speech_set import DEFAULT_SET, Clip, load_diarized  # noqa: E402
+
+Turns = list[tuple[float, float, int]]
 
 
-def run(diarizer, audio: np.ndarray, piece: int = 8000) -> tuple[list, float]:
+def run_backend(diarizer, audio: np.ndarray, piece: int = 8000) -> tuple[Turns, float]:
+    """The diarizer over a stream as a session drives it: (its turns, seconds it spent)."""
+    from backends.vad import SileroVAD
+
     vad = SileroVAD()
     vad_state, state = vad.new_state(), diarizer.new_state()
     turns, pending, spent = [], np.zeros(0, np.float32), 0.0
@@ -37,39 +54,99 @@ def run(diarizer, audio: np.ndarray, piece: int = 8000) -> tuple[list, float]:
         pending = pending[n:]
     t0 = time.perf_counter()
     turns += diarizer.flush(state)
-    return turns, spent + time.perf_counter() - t0
+    spent += time.perf_counter() - t0
+    return [(t.start, t.end, t.speaker) for t in turns], spent
+
+
+def live_turns(url: str, clip: Clip) -> Turns:
+    result = asyncio.run(stream_clip(url, clip.pcm16()))
+    if result.error:
+        raise RuntimeError(f"{clip.name}: {result.error}")
+    return [(ln["start_s"], ln["end_s"], ln["speaker"]) for ln in result.lines if ln["speaker"] > 0]
+
+
+def offline_turns(base: str, clip: Clip) -> Turns:
+    with open(clip.path, "rb") as f:
+        r = httpx.post(f"http://{base}/jobs", files={"file": (clip.path.name, f, "audio/wav")},
+                       data={"diarization": "true"}, timeout=600)
+    r.raise_for_status()
+    job = r.json()["id"]
+    while (status := httpx.get(f"http://{base}/jobs/{job}", timeout=30).json())["status"] not in ("done", "failed"):
+        time.sleep(0.5)
+    if status["status"] == "failed":
+        raise RuntimeError(f"{clip.name}: job failed: {status.get('error')}")
+    result = httpx.get(f"http://{base}/jobs/{job}/result?format=json", timeout=30).json()
+    return [(s["start"], s["end"], s["speaker"]) for s in result["segments"] if s.get("speaker") is not None]
+
+
+class Table:
+    def __init__(self, name: str) -> None:
+        self.name, self.rows, self.errors, self.scored = name, [], 0.0, 0.0
+
+    def add(self, clip: Clip, turns: Turns, cost: float | None = None) -> None:
+        scores = der(clip.turns(), turns, collar=0.25)
+        found = len({t[2] for t in turns})
+        self.errors += scores["der"] * scores["scored"]
+        self.scored += scores["scored"]
+        extra = f"  {1000 * cost / clip.seconds:6.1f} ms/s" if cost is not None else ""
+        self.rows.append(f"{clip.name:40s} {clip.seconds:6.1f} {clip.speakers:4d} {found:5d}   "
+                         f"{100 * scores['der']:6.1f} % {100 * scores['missed']:6.1f} {100 * scores['false_alarm']:6.1f} "
+                         f"{100 * scores['confusion']:6.1f}{extra}")
+
+    def print(self) -> None:
+        print(f"\n{self.name}")
+        print(f"{'recording':40s} {'s':>6s} {'ref':>4s} {'found':>5s}   {'DER':>8s} {'miss':>6s} {'fa':>6s} {'conf':>6s}")
+        for row in self.rows:
+            print(row)
+        print(f"{'pooled DER':40s} {'':24s}{100 * self.errors / max(self.scored, 1e-9):6.1f} %")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sortformer-model", default=None)
-    ap.add_argument("--sortformer-tiny", action="store_true",
-                    help="also run the tiny random-weight Sortformer: its cost is real, its DER is not")
-    ap.add_argument("--turns", type=int, default=8, help="turns in the conversation (cycles the script)")
+    ap.add_argument("--set", default=str(DEFAULT_SET), help="folder with manifest.tsv, the WAVs and RTTMs")
+    ap.add_argument("--clips", default="", help="comma-separated recording names (default: all with turns)")
+    ap.add_argument("--modes", default="backend,live,offline")
+    ap.add_argument("--server-args", default="", help="extra flags for the server started here")
+    ap.add_argument("--sortformer-model", default=None, help="also measure Sortformer (backend mode)")
     args = ap.parse_args()
-    script = [CONVERSATION[i % len(CONVERSATION)] for i in range(args.turns)]
-    audio, truth = make_conversation(Path(tempfile.mkdtemp()), script)
-    seconds = len(audio) / 16000
-    backends = []
-    from backends.embedding_diarizer import EmbeddingDiarizer
+    clips = load_diarized(Path(args.set), [c for c in args.clips.split(",") if c] or None)
+    modes = args.modes.split(",")
+    print(f"{len(clips)} recordings with speaker turns, {sum(c.seconds for c in clips):.0f} s")
 
-    backends.append(("embedding (resemblyzer)", EmbeddingDiarizer("cpu")))
-    if args.sortformer_model:
-        from backends.sortformer import SortformerDiarizer, load_sortformer
+    if "backend" in modes:
+        from backends.embedding_diarizer import EmbeddingDiarizer
 
-        backends.append(("sortformer", SortformerDiarizer(load_sortformer(args.sortformer_model, "cpu"), "1s")))
-    if args.sortformer_tiny:
-        from backends.sortformer import SortformerDiarizer, build_tiny_sortformer
+        backends = [("backend: embedding diarizer (resemblyzer), live", EmbeddingDiarizer("cpu"))]
+        if args.sortformer_model:
+            from backends.sortformer import SortformerDiarizer, load_sortformer
 
-        backends.append(("sortformer (tiny, random weights)", SortformerDiarizer(build_tiny_sortformer("cpu"), "1s")))
-    print(f"conversation: {args.turns} turns, 2 voices, {seconds:.1f} s of audio")
-    for name, diarizer in backends:
-        run(diarizer, audio[: 16000 * 3])  # warm-up (lazy imports, first-call costs)
-        turns, spent = run(diarizer, audio)
-        scores = der(truth, [(t.start, t.end, t.speaker) for t in turns], collar=0.25)
-        print(f"{name}: DER {scores['der']:.3f} (missed {scores['missed']:.3f}, false alarm "
-              f"{scores['false_alarm']:.3f}, confusion {scores['confusion']:.3f}); speakers found "
-              f"{len({t.speaker for t in turns})}; cost {1000 * spent / seconds:.1f} ms per audio second")
+            backends.append(("backend: sortformer", SortformerDiarizer(load_sortformer(args.sortformer_model, "cpu"), "1s")))
+        for name, diarizer in backends:
+            run_backend(diarizer, clips[0].audio()[: 16000 * 3])  # warm-up (lazy imports, first calls)
+            table = Table(name)
+            for clip in clips:
+                turns, spent = run_backend(diarizer, clip.audio())
+                table.add(clip, turns, spent)
+            table.print()
+
+    if "live" in modes or "offline" in modes:
+        workdir = tempfile.mkdtemp()
+        proc, base = start_server(["--diarization", "--diarization-backend", "embedding", *args.server_args.split()],
+                                  workdir)
+        try:
+            if "live" in modes:
+                table = Table("live: /asr --diarization, turns from the caption lines")
+                for clip in clips:
+                    table.add(clip, live_turns(f"ws://{base}/asr", clip))
+                table.print()
+            if "offline" in modes:
+                table = Table("offline: /jobs diarization=true, turns from the result's segments")
+                for clip in clips:
+                    table.add(clip, offline_turns(base, clip))
+                table.print()
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def der(reference: list[tuple[float, float, str]], hypothesis: list[tuple[float,
     """Diarization error rate on a `step` grid, ignoring `collar` seconds around each reference
     boundary, with the best one-to-one mapping of hypothesis speakers to reference speakers.
 
-    Returns der, missed, false_alarm, confusion (each a fraction of scored reference speech).
+    Returns der, missed, false_alarm, confusion (each a fraction of scored reference speech) and
+    scored (seconds of reference speech scored, speakers counted once each: the weight for pooling).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -96,6 +97,7 @@ def der(reference: list[tuple[float, float, str]], hypothesis: list[tuple[float,
     rows, cols = linear_sum_assignment(overlap, maximize=True)  # the best one-to-one mapping
     best_correct = overlap[rows, cols].sum()
     confusion = np.minimum(n_ref, n_hyp).sum() - best_correct
+    scored_seconds = total * step
     total = max(total, 1)
     return {"der": (missed + false_alarm + confusion) / total, "missed": missed / total,
-            "false_alarm": false_alarm / total, "confusion": confusion / total}
+            "false_alarm": false_alarm / total, "confusion": confusion / total, "scored": scored_seconds}

@@ -65,8 +65,8 @@ def cut_at_pauses(audio: np.ndarray, vad: SileroVAD, max_seconds: float = 30.0,
 
 
 def speaker_turns(audio: np.ndarray, diarizer, vad: SileroVAD) -> list[tuple[float, float, int]]:
-    """A whole file through a streaming diarizer at once: [(start, end, backend label)]."""
-    state = diarizer.new_state()
+    """A whole file through the diarizer at once, clustered as a whole: [(start, end, backend label)]."""
+    state = diarizer.new_state(whole=True)
     probs = vad.probabilities(vad.new_state(), audio)
     turns = diarizer.process(state, audio[: len(probs) * WINDOW], probs) + diarizer.flush(state)
     return [(t.start, t.end, int(t.speaker)) for t in turns]
