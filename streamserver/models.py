@@ -33,11 +33,32 @@ def diarization_backend(config: ServerConfig) -> str | None:
         return "embedding"
     if config.diarization_backend != "sortformer":
         raise ValueError(f"--diarization-backend must be sortformer or embedding, not {config.diarization_backend!r}")
-    if local_sortformer_checkpoint(config.sortformer_model):
+    checkpoint = local_sortformer_checkpoint(config.sortformer_model)
+    if checkpoint:
+        check_sortformer(checkpoint)
         return "sortformer"
+    if config.sortformer_model and config.sortformer_model.endswith(".nemo"):
+        raise ValueError(f"--sortformer-model {config.sortformer_model}: no such file")
     log.info("No Sortformer checkpoint found locally (--sortformer-model %s); using the embedding diarizer",
              config.sortformer_model or "not given")
     return "embedding"
+
+
+def check_sortformer(checkpoint: str) -> None:
+    """Restore the checkpoint once on the CPU at startup, so that a NeMo that does not import, a
+    NeMo version that cannot read it, or a broken file stops the server with a clear error before it
+    serves, instead of failing every connection's model load."""
+    from backends.sortformer import SortformerLoadError, load_sortformer
+
+    try:
+        model = load_sortformer(checkpoint, "cpu")
+    except (ImportError, OSError) as exc:  # (a torchaudio built for another torch fails with OSError)
+        raise ValueError(f"--sortformer-model {checkpoint}: Sortformer needs NeMo "
+                         f"(pip install 'nemo_toolkit[asr]==3.0.0'), which does not import here: {exc}") from exc
+    except SortformerLoadError as exc:
+        raise ValueError(f"--sortformer-model {checkpoint}: not a Sortformer checkpoint this NeMo "
+                         f"can restore ({exc})") from exc
+    del model
 
 
 def local_sortformer_checkpoint(model: str | None) -> str | None:

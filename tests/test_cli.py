@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -82,3 +84,21 @@ def test_an_unknown_policy_is_refused_at_startup():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "--policy must be one of localagreement, alignatt" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_sortformer_checkpoint_that_is_missing_is_refused_at_startup(tmp_path):
+    missing = tmp_path / "diar_streaming_sortformer_4spk-v2.nemo"
+    proc = subprocess.run([sys.executable, "-m", "streamserver", "--diarization", "--sortformer-model", str(missing),
+                           "--simulate-gpus", "1x4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"--sortformer-model {missing}: no such file" in proc.stderr
+
+
+def test_a_sortformer_checkpoint_nemo_cannot_restore_is_refused_at_startup(tmp_path):
+    broken = tmp_path / "truncated.nemo"
+    broken.write_bytes(b"not a tar archive")  # a download cut short
+    proc = subprocess.run([sys.executable, "-m", "streamserver", "--diarization", "--sortformer-model", str(broken),
+                           "--simulate-gpus", "1x4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"streamserver: error: --sortformer-model {broken}: " in proc.stderr
+    assert "Traceback" not in proc.stderr
