@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .diarization_types import SpeakerTurn
+from .diarization_types import DiarizeJob, EmbedSteps, SpeakerTurn, drive_batched
 from .speaker_clusters import MIN_SIZE, THRESHOLD, cluster, stable_labels
 
 SAMPLE_RATE = 16000
@@ -87,6 +87,18 @@ class EmbeddingDiarizer:
         return EmbeddingState(whole=whole)
 
     def process(self, state: EmbeddingState, audio: np.ndarray, vad_probs: np.ndarray) -> list[SpeakerTurn]:
+        return self.process_batch([DiarizeJob(state, audio, vad_probs)])[0]
+
+    def flush(self, state: EmbeddingState) -> list[SpeakerTurn]:
+        return self.process_batch([DiarizeJob(state, flush=True)])[0]
+
+    def process_batch(self, jobs: list[DiarizeJob]) -> list[list[SpeakerTurn]]:
+        """Several streams' new audio at once: their windows go through the speaker encoder together."""
+        steps = [self._flush_steps(j.state) if j.flush else self._process_steps(j.state, j.audio, j.vad_probs)
+                 for j in jobs]
+        return drive_batched(steps, self._embed)
+
+    def _process_steps(self, state: EmbeddingState, audio: np.ndarray, vad_probs: np.ndarray) -> EmbedSteps:
         turns: list[SpeakerTurn] = []
         for i, p in enumerate(vad_probs):
             window = audio[i * VAD_WINDOW:(i + 1) * VAD_WINDOW]
@@ -103,20 +115,20 @@ class EmbeddingDiarizer:
             if state.region_start is not None:
                 state.region_audio = np.concatenate([state.region_audio, window])
                 if state.silent_windows >= END_SILENCE_WINDOWS:
-                    turns += self._close_region(state)
+                    turns += yield from self._close_region(state)
                 else:  # (window by window, so the labels do not depend on how the audio was cut)
-                    turns += self._window_if_complete(state)
+                    turns += yield from self._window_if_complete(state)
         self._update_coverage(state)
         return turns
 
-    def flush(self, state: EmbeddingState) -> list[SpeakerTurn]:
-        turns = self._close_region(state, final=True) if state.region_start is not None else []
-        turns += self._give_out(state, state.windows, final=True)
+    def _flush_steps(self, state: EmbeddingState) -> EmbedSteps:
+        turns = (yield from self._close_region(state, final=True)) if state.region_start is not None else []
+        turns += yield from self._give_out(state, state.windows, final=True)
         state.covered_until = state.samples / SAMPLE_RATE
         return turns
 
     # -- internals --------------------------------------------------------
-    def _window_if_complete(self, state: EmbeddingState) -> list[SpeakerTurn]:
+    def _window_if_complete(self, state: EmbeddingState) -> EmbedSteps:
         """A window of the open region just completed: queue it and the speech it labels; every
         `SETTLE_WINDOWS` windows, cluster again and give out the labels of the older ones."""
         o = state.next_window
@@ -128,9 +140,9 @@ class EmbeddingDiarizer:
         state.to_embed.append(state.region_audio[o:o + _WIN])
         if state.windows % SETTLE_WINDOWS:
             return []
-        return self._give_out(state, state.windows - SETTLE_WINDOWS)
+        return (yield from self._give_out(state, state.windows - SETTLE_WINDOWS))
 
-    def _close_region(self, state: EmbeddingState, final: bool = False) -> list[SpeakerTurn]:
+    def _close_region(self, state: EmbeddingState, final: bool = False) -> EmbedSteps:
         """The region ended: its speech up to the last speech is labelled, and given out."""
         end = state.last_speech_end
         region_pieces = [p for p in state.pending if p.start >= state.region_start]
@@ -150,12 +162,12 @@ class EmbeddingDiarizer:
         state.region_start = None
         state.region_audio = np.zeros(0, np.float32)
         state.silent_windows = 0
-        return self._give_out(state, state.windows, final)
+        return (yield from self._give_out(state, state.windows, final))
 
-    def _give_out(self, state: EmbeddingState, upto: int, final: bool = False) -> list[SpeakerTurn]:
+    def _give_out(self, state: EmbeddingState, upto: int, final: bool = False) -> EmbedSteps:
         """Cluster every window again; windows before `upto` get their labels, and so does their speech."""
         if state.to_embed:
-            state.embeddings += list(self._embed(state.to_embed))
+            state.embeddings += list((yield state.to_embed))
             state.labels += [None] * len(state.to_embed)
             state.to_embed = []
         if (state.whole and not final) or not state.embeddings:

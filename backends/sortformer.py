@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .diarization_types import SpeakerTurn
+from .diarization_types import DiarizeJob, SpeakerTurn
 
 if TYPE_CHECKING:
     from nemo.collections.asr.models import SortformerEncLabelModel
@@ -222,6 +222,11 @@ class SortformerDiarizer:
             self._run_chunk(state, *chunk)
         state.covered_until = max(state.covered_until, state.received / SAMPLE_RATE)
         return self._turns(state, first, state.preds[steps:])
+
+    def process_batch(self, jobs: list[DiarizeJob]) -> list[list[SpeakerTurn]]:
+        """The scheduler's round of streams, one after another: each stream's NeMo streaming state
+        (speaker cache, FIFO) is its own, and NeMo steps one state at a time."""
+        return [self.flush(j.state) if j.flush else self.process(j.state, j.audio, j.vad_probs) for j in jobs]
 
     # -- internals --------------------------------------------------------
     def _next_chunk(self, state: SortformerState, final: bool) -> tuple[int, int, int, int] | None:

@@ -6,7 +6,8 @@ the device's worker thread, and answers their Whisper calls together:
 
     start each step; it runs until it needs a model and yields the job
     → answer all jobs of that wave by kind in batches (`VadJob`s in one
-      `probabilities_batch`, `TranscribeJob`s in `transcribe_batch` calls)
+      `probabilities_batch`, `DiarizeJob`s in one `process_batch`,
+      `TranscribeJob`s in `transcribe_batch` calls)
     → send each step its answer; repeat until every step has returned.
 
 File chunks (`submit_batch`) are a second, lower class: a round of them runs
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from backends.asr_types import Segment, Steps, TranscribeJob
+from backends.diarization_types import DiarizeJob
 from backends.vad import VadJob
 
 from .errors import is_out_of_memory
@@ -76,7 +78,7 @@ class _BatchRequest:
 class _Progress:
     """Where one step of the round stands: asking (`job`), done (`value`) or failed (`error`)."""
 
-    job: TranscribeJob | VadJob | None = None
+    job: TranscribeJob | VadJob | DiarizeJob | None = None
     value: Any = None
     error: BaseException | None = None
 
@@ -258,8 +260,10 @@ class DeviceScheduler:
             if not asking:
                 break
             vad = [i for i in asking if isinstance(progress[i].job, VadJob)]
-            asr = [i for i in asking if not isinstance(progress[i].job, VadJob)]
+            diarize = [i for i in asking if isinstance(progress[i].job, DiarizeJob)]
+            asr = [i for i in asking if not isinstance(progress[i].job, (VadJob, DiarizeJob))]
             answers = dict(zip(vad, self._vad(models, [progress[i].job for i in vad], started)))
+            answers.update(zip(diarize, self._diarize(models, [progress[i].job for i in diarize], started)))
             answers.update(zip(asr, self._transcribe(models.asr, [progress[i].job for i in asr], started)))
             for i, answer in answers.items():
                 if isinstance(answer, BaseException):
@@ -282,6 +286,18 @@ class DeviceScheduler:
             if batch is not None:
                 return list(batch([j.state for j in jobs], [j.audio for j in jobs]))
             return [models.vad.probabilities(j.state, j.audio) for j in jobs]
+        except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
+            return [exc] * len(jobs)
+
+    def _diarize(self, models: Any, jobs: list[DiarizeJob], started: float) -> list[Any]:
+        """Every stream's new audio through the device's diarizer at once (one speaker-encoder batch)."""
+        if not jobs:
+            return []
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.observe_batch(self.runtime.device.id, "diarization", len(jobs),
+                                               time.perf_counter() - started)
+        try:
+            return list(models.diarizer.process_batch(jobs))
         except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
             return [exc] * len(jobs)
 

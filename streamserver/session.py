@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends.asr_types import Steps, join_words, without_repeats
+from backends.diarization_types import DiarizeJob
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
 from .attribution import SpeakerAttribution
@@ -78,6 +79,8 @@ def answer_directly(models):
     def answer(job):
         if isinstance(job, VadJob):
             return models.vad.probabilities(job.state, job.audio)
+        if isinstance(job, DiarizeJob):
+            return models.diarizer.process_batch([job])[0]
         return models.asr.transcribe_batch([job])[0]
 
     return answer
@@ -142,7 +145,8 @@ class Session:
                 self._speech_end = self._fed_end = tail_end
             self._tentative = []
             if self.diarizer is not None:
-                self.attribution.add_turns(self.diarizer.flush(self.diarizer_state), tail_end / SAMPLE_RATE)
+                turns = yield DiarizeJob(self.diarizer_state, flush=True)
+                self.attribution.add_turns(turns, tail_end / SAMPLE_RATE)
             self._attribute(everything=True)
             self._note_silence(tail_end)
             return self.state(final=True)
@@ -170,7 +174,7 @@ class Session:
         if self.diarizer is not None and len(probs):
             a = self._vad_samples - self._recent_start
             windows = self._recent[a:a + len(probs) * WINDOW]
-            turns = self.diarizer.process(self.diarizer_state, windows, probs)
+            turns = yield DiarizeJob(self.diarizer_state, windows, probs)
             self.attribution.add_turns(turns, self.diarizer_state.covered_until)
         for event in self.segmenter.push(probs):
             if event.kind == "start":

@@ -76,3 +76,25 @@ def test_one_voice_is_one_speaker(diarizer, tmp_path):
                                   tmp_path / "b.wav")])
     turns, _ = stream(diarizer, audio, 8000)
     assert {t.speaker for t in turns} == {0}
+
+
+def test_streams_diarized_together_share_encoder_calls_and_get_what_each_would_alone(diarizer, conversation):
+    from backends.diarization_types import DiarizeJob
+
+    audio, _ = conversation
+    vad = SileroVAD()
+    probs = vad.probabilities(vad.new_state(), audio)
+    audio = audio[: len(probs) * 512]
+    embed, calls = diarizer._embed, []
+    diarizer._embed = lambda clips: calls.append(len(clips)) or embed(clips)
+    try:
+        one = diarizer.new_state()
+        alone = diarizer.process(one, audio, probs) + diarizer.flush(one)
+        alone_calls, calls[:] = list(calls), []
+        states = [diarizer.new_state(), diarizer.new_state()]
+        together = diarizer.process_batch([DiarizeJob(s, audio, probs) for s in states])
+        flushed = diarizer.process_batch([DiarizeJob(s, flush=True) for s in states])
+    finally:
+        diarizer._embed = embed
+    assert [t + f for t, f in zip(together, flushed)] == [alone, alone]
+    assert calls == [2 * n for n in alone_calls]  # each encoder call held both streams' windows

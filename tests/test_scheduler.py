@@ -139,3 +139,26 @@ def test_auto_limit_is_set_from_the_measured_stream_memory_once_models_load():
     # fake_loader: 100 MB of weights, 1 MB per stream, 16 GB simulated at 90 %
     assert server.allocator.limit(0) == int((16 * 2**30 * 0.9 - 100 * 2**20) // 2**20)
     assert server.gpu_status()["max_connections_per_gpu"] == "auto"
+
+
+def test_streams_diarized_in_one_round_go_to_the_diarizer_together():
+    from backends.diarization_types import DiarizeJob
+    from tests.fakes import LevelDiarizer
+
+    diarizer = LevelDiarizer()
+    runtime = runtime_with(RecordingASR())
+
+    def steps():
+        state = diarizer.new_state()
+        turns = yield DiarizeJob(state, np.full(16000, 0.5, np.float32), np.ones(31, np.float32))
+        return [t.speaker for t in turns]
+
+    async def main():
+        models = await runtime.acquire()
+        models.diarizer = diarizer
+        results = await asyncio.gather(*(runtime.scheduler.submit(steps()) for _ in range(3)))
+        runtime.shutdown()
+        return results
+
+    assert asyncio.run(main()) == [[0] * 10] * 3
+    assert diarizer.batches == [3]
