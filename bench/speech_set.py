@@ -169,6 +169,7 @@ class LinesCheck:
     backwards: int = 0  # committed lines starting before the line before them, or an end moving back
     last_text: list[str] | None = None
     last_end: float = 0.0
+    first_change: tuple[list[str], list[str]] | None = None  # (lines before, lines after), to show it
 
     def update(self, lines: list[dict]) -> None:
         spoken = [ln for ln in lines if ln.get("speaker") != -2 and ln.get("text", "").strip()]
@@ -177,6 +178,7 @@ class LinesCheck:
         if old is not None and (len(texts) < len(old) or texts[:len(old) - 1] != old[:-1]
                                 or (old and not texts[len(old) - 1].startswith(old[-1]))):
             self.changed += 1
+            self.first_change = self.first_change or (old, texts)
         self.last_text = texts
         end = max((float(ln.get("end_s", 0.0)) for ln in spoken), default=0.0)
         if end < self.last_end - 0.05:

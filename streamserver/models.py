@@ -90,7 +90,8 @@ def _load_diarizer(backend: str | None, config: ServerConfig, device: Device):
     from backends.embedding_diarizer import EmbeddingDiarizer
 
     diarizer = EmbeddingDiarizer(device.torch_device)
-    return diarizer, "diarization:embedding", _param_bytes(diarizer.encoder)
+    log.info("Embedding diarizer: %s speaker encoder", diarizer.encoder.name)
+    return diarizer, "diarization:embedding", _param_bytes(diarizer.encoder.model)
 
 
 def make_loader(config: ServerConfig) -> ModelLoader:

