@@ -2,6 +2,7 @@
 
     python bench/diarization.py                        # every recording of ../shared/speech with speaker turns
     python bench/diarization.py --modes backend        # the diarizers alone (no Whisper): a minute
+    python bench/diarization.py --modes backend --all-encoders   # also the fallback speaker encoder
     python bench/diarization.py --clips conversational_childes_father_child --modes live,offline
     python bench/diarization.py --modes backend --sortformer-model FILE.nemo
 
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--modes", default="backend,live,offline")
     ap.add_argument("--server-args", default="", help="extra flags for the server started here")
     ap.add_argument("--sortformer-model", default=None, help="also measure Sortformer (backend mode)")
+    ap.add_argument("--all-encoders", action="store_true", help="also measure the fallback speaker encoder (backend mode)")
     args = ap.parse_args()
     clips = load_diarized(Path(args.set), [c for c in args.clips.split(",") if c] or None)
     modes = args.modes.split(",")
@@ -116,7 +118,13 @@ def main() -> None:
     if "backend" in modes:
         from backends.embedding_diarizer import EmbeddingDiarizer
 
-        backends = [("backend: embedding diarizer (resemblyzer), live", EmbeddingDiarizer("cpu"))]
+        default = EmbeddingDiarizer("cpu")
+        backends = [(f"backend: embedding diarizer ({default.encoder.name} encoder)", default)]
+        if args.all_encoders:
+            from backends.speaker_encoders import ResemblyzerEncoder
+
+            backends.append(("backend: embedding diarizer (resemblyzer encoder, the fallback)",
+                             EmbeddingDiarizer("cpu", encoder=ResemblyzerEncoder("cpu"))))
         if args.sortformer_model:
             from backends.sortformer import SortformerDiarizer, load_sortformer
 
