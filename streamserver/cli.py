@@ -67,7 +67,8 @@ FLAGS: list[tuple[str, object, str]] = [
     ("ssl_keyfile", str, "key for --ssl-certfile"),
     ("log_level", str, "logging level"),
     ("cache_dir", str, "where converted model checkpoints are cached"),
-    ("jobs_db", str, "SQLite file of the file-transcription jobs (created on the first job)"),
+    ("jobs_db", str, "SQLite file of the file-transcription jobs, created on the first job "
+                     "(default: $XDG_DATA_HOME/streamserver/jobs.sqlite)"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),
     ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),

@@ -1,6 +1,7 @@
 """Server configuration: the one global thing, built once from flags and environment."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -30,7 +31,7 @@ class ServerConfig:
     ssl_keyfile: str | None = None
     log_level: str = "info"
     cache_dir: str | None = None
-    jobs_db: str = "./streamserver-jobs.sqlite"
+    jobs_db: str = ""  # "": the user's data folder (`default_jobs_db`)
     max_upload_mb: float = 500.0
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call
@@ -53,3 +54,11 @@ class ServerConfig:
         import os
 
         return os.path.basename(self.model.rstrip("/")) or self.model
+
+
+def default_jobs_db() -> str:
+    """Where the file jobs live unless `--jobs-db` says otherwise: the user's data folder
+    (`$XDG_DATA_HOME/streamserver/jobs.sqlite`, else `~/.local/share/streamserver/jobs.sqlite`), not
+    the folder the server was started from. Nothing is created there before the first job."""
+    root = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(root, "streamserver", "jobs.sqlite")

@@ -13,7 +13,7 @@ from gpu_manager import Allocator, Inventory, MemoryMonitor, discover
 from gpu_manager.device import Device, MemoryFigures
 from gpu_manager.nvml import Nvml
 
-from .config import ServerConfig
+from .config import ServerConfig, default_jobs_db
 from .drain import Drain
 from .metrics import Metrics
 from .job_runner import JobRunner
@@ -63,7 +63,7 @@ class Server:
         for d in inventory.devices:
             log.info("Device %d: %s (%s, %.2f GB)", d.id, d.name, d.label, d.total_bytes / 2**30)
         server = cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
-        server.jobs = JobRunner(server, config.jobs_db)
+        server.jobs = JobRunner(server, config.jobs_db or default_jobs_db())
         return server
 
     def gpu_entry(self, device_id: int) -> dict:

@@ -73,3 +73,17 @@ def tiny_en_checkpoint(model_cache_dir: Path, tmp_path_factory: pytest.TempPathF
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-empty")))
         return resolve_checkpoint("tiny.en", cache_dir=model_cache_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jobs_in_a_temporary_data_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Servers the tests start keep their default job database out of the user's data folder."""
+    import os
+
+    before = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = before

@@ -333,3 +333,32 @@ def test_file_work_not_yet_begun_can_be_withdrawn_from_a_held_back_device():
     first, cancelled, late, words = asyncio.run(main())
     assert first and cancelled and asr.file_calls == 1  # only the second chunk ever ran
     assert not late and len([w for s in words for w in s.words]) == 25
+
+
+def test_jobs_live_in_the_users_data_folder_and_a_server_without_jobs_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    started_in, data = tmp_path / "some-project", tmp_path / "data"
+    started_in.mkdir()
+    env = dict(os.environ, XDG_DATA_HOME=str(data), PYTHONPATH=str(root))
+    argv = ["-m", "tests.fake_server", "--simulate-gpus", "1x16"]
+    proc, base = start_server_process(argv, env=env, cwd=started_in)
+    try:
+        assert httpx.get(f"http://{base}/ready").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not data.exists() and list(started_in.iterdir()) == []  # no job, no file anywhere
+
+    _tone_wav(tmp_path / "one.wav", 2.0)
+    proc, base = start_server_process(argv, env=env, cwd=started_in)
+    try:
+        with open(tmp_path / "one.wav", "rb") as f:
+            r = httpx.post(f"http://{base}/v1/audio/transcriptions", files={"file": ("one.wav", f)}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert list(started_in.iterdir()) == []  # nothing left where the server was started
+    assert (data / "streamserver" / "jobs.sqlite").exists()
