@@ -23,6 +23,11 @@ class DeviceLoad:
     active: int
     limit: int
 
+    @property
+    def free(self) -> int:
+        """Slots a new connection could take (none while over a lowered limit)."""
+        return max(0, self.limit - self.active)
+
 
 class Allocator:
     """Tracks which connection holds a slot on which device."""

@@ -26,11 +26,15 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def ready(request: Request) -> JSONResponse:
-    """For load balancers: 503 while no stream would be admitted (every device full, or draining)."""
-    reason = request.app.state.server.readiness()
+    """For load balancers: 503 while no stream would be admitted (every device full, or draining);
+    either way with the free and total connection slots, so a balancer can weigh headroom."""
+    server = request.app.state.server
+    reason = server.readiness()
+    free, total = server.slots()
     if reason is None:
-        return JSONResponse({"ready": True})
-    return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+        return JSONResponse({"ready": True, "free_slots": free, "total_slots": total})
+    return JSONResponse({"ready": False, "reason": reason, "free_slots": free, "total_slots": total},
+                        status_code=503)
 
 
 @require_token

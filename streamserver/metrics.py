@@ -78,6 +78,8 @@ class _DeviceCollector:
             return GaugeMetricFamily(PREFIX + name, doc, labels=["gpu_id"])
 
         active = gauge("active_connections", "Live /asr connections on the device")
+        slots = gauge("max_connections", "Connection slots of the device (its limit)")
+        room = gauge("free_slots", "Connection slots a new stream could take on the device")
         used = gauge("gpu_memory_used_bytes", "Device memory in use (NVML; accounted bytes when simulated)")
         free = gauge("gpu_memory_free_bytes", "Device memory free")
         total = gauge("gpu_memory_total_bytes", "Device memory in all")
@@ -87,12 +89,14 @@ class _DeviceCollector:
             label = [str(load.device.id)]
             figures = self.memory.figures(load.device)
             active.add_metric(label, load.active)
+            slots.add_metric(label, load.limit)
+            room.add_metric(label, load.free)
             used.add_metric(label, figures.used_bytes)
             free.add_metric(label, figures.free_bytes)
             total.add_metric(label, figures.total_bytes)
             util.add_metric(label, figures.utilization_percent / 100.0)
             rtf.add_metric(label, self.realtime.factor(load.device.id))
-        return [active, used, free, total, util, rtf]
+        return [active, slots, room, used, free, total, util, rtf]
 
 
 class _JobCollector:

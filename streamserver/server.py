@@ -76,6 +76,7 @@ class Server:
             "name": load.device.name,
             "active_connections": load.active,
             "max_connections": load.limit,
+            "free_slots": 0 if self.drain.draining else load.free,
             "allocated_memory_gb": round(MemoryFigures.gb(mem.used_bytes), 2),
             "free_memory_gb": round(MemoryFigures.gb(mem.free_bytes), 2),
             "total_memory_gb": round(MemoryFigures.gb(mem.total_bytes), 2),
@@ -94,6 +95,13 @@ class Server:
             "draining": self.drain.draining,
             "gpus": [self.gpu_entry(d.id) for d in self.inventory.devices],
         }
+
+    def slots(self) -> tuple[int, int]:
+        """(free, total) connection slots over every device: the headroom a balancer or an
+        autoscaler acts on. A draining server has none free."""
+        loads = self.allocator.loads()
+        free = 0 if self.drain.draining else sum(x.free for x in loads)
+        return free, sum(x.limit for x in loads)
 
     def readiness(self) -> str | None:
         """None when a new stream would be admitted, else why not: `draining` or `full`."""

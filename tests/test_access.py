@@ -89,7 +89,7 @@ def test_health_and_ready_never_need_the_token(guarded):
     base, _ = guarded
     assert httpx.get(f"http://{base}/health").json() == {"status": "ok"}
     r = httpx.get(f"http://{base}/ready")
-    assert (r.status_code, r.json()) == (200, {"ready": True})
+    assert r.status_code == 200 and r.json()["ready"] is True
 
 
 def test_origins(guarded):
@@ -131,13 +131,19 @@ def test_ready_flips_at_full_capacity_and_when_draining():
             r = httpx.get(f"http://{base}/ready")
             return r.status_code, r.json()
 
-        assert ready() == (200, {"ready": True})
+        assert ready() == (200, {"ready": True, "free_slots": 2, "total_slots": 2})
         first, second = open_asr(base), open_asr(base)
         recv_json(first), recv_json(second)
-        assert ready() == (503, {"ready": False, "reason": "full"})
+        assert ready() == (503, {"ready": False, "reason": "full", "free_slots": 0, "total_slots": 2})
         first.close()
         wait_for(lambda: ready()[0] == 200)
+        assert ready() == (200, {"ready": True, "free_slots": 1, "total_slots": 2})
+        gpus = httpx.get(f"http://{base}/gpu-status").json()["gpus"]
+        assert sorted(g["free_slots"] for g in gpus) == [0, 1]  # the room, device by device
+        m = scrape(base)
+        assert sorted(value(m, "streamserver_free_slots", gpu_id=str(g)) for g in (0, 1)) == [0, 1]
+        assert value(m, "streamserver_max_connections", gpu_id="0") == 1
         app.state.server.drain.draining = True
-        assert ready() == (503, {"ready": False, "reason": "draining"})
+        assert ready() == (503, {"ready": False, "reason": "draining", "free_slots": 0, "total_slots": 2})
         assert httpx.get(f"http://{base}/gpu-status").json()["draining"] is True
         second.close()

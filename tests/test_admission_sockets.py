@@ -87,7 +87,9 @@ def test_gpu_status_shape(server_url):
         "gpu_id", "device", "name", "active_connections", "max_connections", "allocated_memory_gb",
         "free_memory_gb", "total_memory_gb", "utilization_percent", "models_loaded", "models",
         "batch_share",  # issue 8: the share of the device file jobs used lately
+        "free_slots",  # issue 15: the room left on the device
     }
+    assert gpu0["free_slots"] == gpu0["max_connections"] - gpu0["active_connections"]
     assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4
     assert gpu0["total_memory_gb"] == 16.0
     assert httpx.get(f"http://{server_url}/health").json() == {"status": "ok"}

@@ -106,7 +106,8 @@ def test_sigterm_drains_each_stream_with_its_last_update_then_exits_0(server):
     while s.ready()[0] == 200:
         assert time.monotonic() < deadline, "/ready never turned to draining"
         time.sleep(0.02)
-    assert s.ready() == (503, {"ready": False, "reason": "draining"})
+    code, body = s.ready()
+    assert (code, body["ready"], body["reason"], body["free_slots"]) == (503, False, "draining", 0)
     assert httpx.get(f"http://{s.base}/gpu-status").json()["draining"] is True
     late = open_asr(s.base)
     with pytest.raises(ConnectionClosed) as refused:
