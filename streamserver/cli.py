@@ -67,6 +67,8 @@ FLAGS: list[tuple[str, object, str]] = [
     ("ssl_keyfile", str, "key for --ssl-certfile"),
     ("log_level", str, "logging level"),
     ("cache_dir", str, "where converted model checkpoints are cached"),
+    ("refuse_when_full", str, "close (upgrade, then close 1008) or http (answer the upgrade with 503 and "
+                              "Retry-After, so a proxy can try another server)"),
     ("jobs_db", str, "SQLite file of the file-transcription jobs, created on the first job "
                      "(default: $XDG_DATA_HOME/streamserver/jobs.sqlite)"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),

@@ -31,6 +31,7 @@ class ServerConfig:
     ssl_keyfile: str | None = None
     log_level: str = "info"
     cache_dir: str | None = None
+    refuse_when_full: str = "close"  # close: upgrade, then 1008; http: 503 + Retry-After before the upgrade
     jobs_db: str = ""  # "": the user's data folder (`default_jobs_db`)
     max_upload_mb: float = 500.0
     sync_max_seconds: float = 120.0

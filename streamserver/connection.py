@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from gpu_manager import Device
@@ -49,6 +50,8 @@ log = logging.getLogger("gpu_manager")
 errlog = logging.getLogger("streamserver.connection")
 
 HEARTBEAT_SECONDS = 1.0
+# `--refuse-when-full http`: how long a client or proxy is asked to wait before trying this server again.
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,20 @@ async def asr_endpoint(websocket: WebSocket) -> None:
     server: Server = websocket.app.state.server
     config = server.config
     fmt = websocket.query_params.get("format") or config.default_format
-    await websocket.accept()
+    connection_id = str(uuid.uuid4())
+    device = None
+    if config.refuse_when_full == "http" and _would_be_served(server, websocket, fmt):
+        # A proxy can only try another server if it is told before the upgrade.
+        device = server.allocator.allocate(connection_id)
+        if device is None:
+            await _deny_full(server, websocket)
+            return
+    try:
+        await websocket.accept()
+    except BaseException:
+        if device is not None:
+            server.allocator.release(connection_id)
+        raise
     if not origin_ok(config.allowed_origins, websocket):
         await _refuse(server, websocket, "origin", 1008, REFUSED_ORIGIN)
         return
@@ -114,10 +130,11 @@ async def asr_endpoint(websocket: WebSocket) -> None:
         await _refuse_with_error(websocket, f"Unsupported format {fmt!r} (use pcm, webm, ogg or auto)", 1008)
         return
     if server.drain.draining:
+        if device is not None:
+            server.allocator.release(connection_id)
         await _refuse(server, websocket, "draining", 1001, REFUSED_DRAINING)
         return
-    connection_id = str(uuid.uuid4())
-    device = server.allocator.allocate(connection_id)
+    device = device or server.allocator.allocate(connection_id)
     if device is None:
         await _refuse(server, websocket, "full", 1008, REFUSED_FULL)
         return
@@ -130,6 +147,24 @@ async def asr_endpoint(websocket: WebSocket) -> None:
     finally:
         server.drain.unregister(connection)
         server.allocator.release(connection_id)
+
+
+def _would_be_served(server: Server, websocket: WebSocket, fmt: str) -> bool:
+    """Whether every check before admission passes (their refusals stay closes after the upgrade)."""
+    config = server.config
+    return (origin_ok(config.allowed_origins, websocket) and token_ok(config.api_token, websocket)
+            and fmt in FORMATS and not server.drain.draining)
+
+
+async def _deny_full(server: Server, websocket: WebSocket) -> None:
+    """`--refuse-when-full http`: the upgrade request gets 503, `Retry-After` and the contract's error."""
+    server.metrics.rejected("full")
+    response = JSONResponse({"error": REFUSED_FULL}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    try:
+        await websocket.send_denial_response(response)
+    except Exception:
+        pass
 
 
 async def _refuse(server: Server, websocket: WebSocket, reason: str, code: int, message: str) -> None:

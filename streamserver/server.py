@@ -43,6 +43,8 @@ class Server:
         memory = MemoryMonitor(inventory.nvml)
         if config.policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, not {config.policy!r}")
+        if config.refuse_when_full not in REFUSALS:
+            raise ValueError(f"--refuse-when-full must be one of {', '.join(REFUSALS)}, not {config.refuse_when_full!r}")
         limit = config.max_connections_per_gpu
         auto = limit == "auto"
         if not auto and not isinstance(limit, int):
@@ -116,6 +118,7 @@ class Server:
 
 AUTO_START = 4
 POLICIES = ("localagreement", "alignatt")
+REFUSALS = ("close", "http")  # --refuse-when-full
 
 
 def auto_limit(total_bytes: int, used_bytes: int, stream_bytes: int, fraction: float) -> int:

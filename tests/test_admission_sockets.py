@@ -93,3 +93,43 @@ def test_gpu_status_shape(server_url):
     assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4
     assert gpu0["total_memory_gb"] == 16.0
     assert httpx.get(f"http://{server_url}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("mode", ["close", "http"])
+def test_a_full_server_refuses_as_told_and_a_freed_slot_admits_again(mode):
+    import json
+
+    import httpx
+    from websockets.exceptions import InvalidStatus
+
+    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu=2, refuse_when_full=mode),
+                     loader=fake_loader)
+    with serve_app(app) as base:
+        held = [open_asr(base), open_asr(base)]
+        for ws in held:
+            recv_json(ws)
+        if mode == "close":  # the contract's default: upgraded, then closed
+            extra = open_asr(base)
+            with pytest.raises(ConnectionClosed) as closed:
+                extra.recv(timeout=10)
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "No GPU resources available")
+        else:  # told before the upgrade, so a proxy can retry elsewhere
+            with pytest.raises(InvalidStatus) as refused:
+                open_asr(base)
+            response = refused.value.response
+            assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+            assert json.loads(response.body) == {"error": "No GPU resources available"}
+        status = httpx.get(f"http://{base}/gpu-status").json()
+        assert status["total_connections"] == 2  # the refusal held no slot
+        held.pop().close()
+        wait_for(lambda: httpx.get(f"http://{base}/gpu-status").json()["total_connections"] == 1)
+        again = open_asr(base)
+        assert recv_json(again)["type"] == "config"
+        again.close()
+        for ws in held:
+            ws.close()
+
+
+def test_an_unknown_refusal_mode_is_refused_at_startup():
+    with pytest.raises(ValueError, match="--refuse-when-full must be one of close, http"):
+        create_app(ServerConfig(simulate_gpus="1x16", refuse_when_full="drop"), loader=fake_loader)
