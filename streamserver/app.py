@@ -13,7 +13,7 @@ from .admin import load_models, unload_models
 from .auth import require_token
 from .config import ServerConfig
 from .connection import asr_endpoint
-from .jobs_api import jobs_routes
+from .jobs.api import jobs_routes
 from .page import page_routes
 from .runtime import ModelLoader
 from .server import Server

@@ -16,7 +16,7 @@ from gpu_manager.nvml import Nvml
 from .config import ServerConfig, default_jobs_db
 from .drain import Drain
 from .metrics import Metrics
-from .job_runner import JobRunner
+from .jobs.runner import JobRunner
 from .runtime import DeviceRuntime, ModelLoader
 
 log = logging.getLogger("streamserver")

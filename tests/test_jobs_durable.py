@@ -16,7 +16,7 @@ from backends.asr_types import TranscribeJob
 from bench.file_jobs import long_file
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
-from streamserver.job_runner import CHUNK_SECONDS
+from streamserver.jobs.runner import CHUNK_SECONDS
 from tests.fakes import EchoASR, fake_loader, runtime_with
 from tests.live import open_asr, recv_json, serve_app, start_server_process
 

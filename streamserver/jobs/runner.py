@@ -24,11 +24,11 @@ from backends.asr_types import TranscribeJob
 from backends.vad import SileroVAD
 
 from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file, speaker_turns
-from .job_store import Job, JobStore
-from .scheduler import RETRY_SECONDS
+from .store import Job, JobStore
+from ..scheduler import RETRY_SECONDS
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server import Server
 
 log = logging.getLogger("streamserver.jobs")
 

@@ -15,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .auth import require_token
+from ..auth import require_token
 from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file, with_speakers
-from .job_runner import JobRunner
-from .transcript_formats import FORMATS, render
+from .runner import JobRunner
+from .formats import FORMATS, render
 
 
 def _error(message: str, status: int) -> JSONResponse:
