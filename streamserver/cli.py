@@ -69,8 +69,11 @@ FLAGS: list[tuple[str, object, str]] = [
     ("cache_dir", str, "where converted model checkpoints are cached"),
     ("refuse_when_full", str, "close (upgrade, then close 1008) or http (answer the upgrade with 503 and "
                               "Retry-After, so a proxy can try another server)"),
-    ("jobs_db", str, "SQLite file of the file-transcription jobs, created on the first job "
-                     "(default: $XDG_DATA_HOME/streamserver/jobs.sqlite)"),
+    ("jobs_db", str, "the file-transcription job queue: a SQLite file, created on the first job "
+                     "(default: $XDG_DATA_HOME/streamserver/jobs.sqlite), or a postgresql:// URL that "
+                     "several servers share"),
+    ("job_lease_seconds", float, "how long a server's claim on a file chunk lasts without its heartbeat: "
+                                 "the chunks of a server that died go to the others after this"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),
     ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),

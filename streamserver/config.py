@@ -33,6 +33,7 @@ class ServerConfig:
     cache_dir: str | None = None
     refuse_when_full: str = "close"  # close: upgrade, then 1008; http: 503 + Retry-After before the upgrade
     jobs_db: str = ""  # "": the user's data folder (`default_jobs_db`)
+    job_lease_seconds: float = 30.0  # a server that stops renewing loses its chunks to the others after this
     max_upload_mb: float = 500.0
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call

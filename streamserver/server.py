@@ -65,7 +65,8 @@ class Server:
         for d in inventory.devices:
             log.info("Device %d: %s (%s, %.2f GB)", d.id, d.name, d.label, d.total_bytes / 2**30)
         server = cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
-        server.jobs = JobRunner(server, config.jobs_db or default_jobs_db())
+        server.jobs = JobRunner(server, config.jobs_db or default_jobs_db(), lease_seconds=config.job_lease_seconds)
+        server.jobs.check()
         return server
 
     def gpu_entry(self, device_id: int) -> dict:

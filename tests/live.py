@@ -75,8 +75,9 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 def start_server_process(argv: list[str], **popen) -> tuple[subprocess.Popen, str]:
     """Start `python <argv> --port P` and wait until its /health answers; returns (process, base URL)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, *argv, "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    popen.setdefault("stdout", subprocess.PIPE)  # or a file: a chatty server never fills a pipe nobody reads
+    proc = subprocess.Popen([sys.executable, *argv, "--port", str(port)], stderr=subprocess.STDOUT, text=True,
+                            **popen)
     base = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -85,6 +86,6 @@ def start_server_process(argv: list[str], **popen) -> tuple[subprocess.Popen, st
                 return proc, base
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.1)

@@ -104,19 +104,18 @@ async def openai_transcriptions(request: Request) -> Response:
         return _error(f"The file is {seconds:.0f} s of audio, over --sync-max-seconds "
                       f"({server.config.sync_max_seconds:g} s): submit it to POST /jobs", 413)
     runner: JobRunner = server.jobs
-    job = runner.store.create(str(path), language=fields.get("language") or None, prompt=fields.get("prompt"))
+    job = await runner.db(runner.store.create, path, fields.get("language") or None, fields.get("prompt"))
     runner.wake()
     try:
         done = await runner.wait_done(job.id)
     except asyncio.CancelledError:  # the client went away: its job goes too
-        runner.store.delete(job.id)
         runner.cancel(job.id)
+        await asyncio.shield(runner.db(runner.store.delete, job.id))
         raise
     if done is None or done.status != "done":
         return _error(f"Transcription failed: {done.error if done else 'job deleted'}", 500)
-    words = runner.store.words(job.id)
-    runner.store.delete(job.id)
-    path.unlink(missing_ok=True)
+    words = await runner.db(runner.store.words, job.id)
+    await runner.db(runner.store.delete, job.id)
     body, media = render(words, fmt, duration=round(seconds, 2), language=fields.get("language"),
                          with_words="word" in fields["timestamp_granularities"])
     return Response(body, media_type=media)
@@ -129,8 +128,8 @@ async def create_job(request: Request) -> Response:
         return accepted
     path, fields, _ = accepted
     runner: JobRunner = request.app.state.server.jobs
-    job = runner.store.create(str(path), language=fields.get("language") or None,
-                              diarization=fields.get("diarization", "").lower() == "true")
+    job = await runner.db(runner.store.create, path, fields.get("language") or None, None,
+                          fields.get("diarization", "").lower() == "true")
     runner.wake()
     return JSONResponse({"id": job.id, "status": job.status}, status_code=202)
 
@@ -139,12 +138,13 @@ async def create_job(request: Request) -> Response:
 async def list_jobs(request: Request) -> Response:
     status = request.query_params.get("status")
     runner: JobRunner = request.app.state.server.jobs
-    return JSONResponse({"jobs": [j.public() for j in runner.store.list(status)]})
+    return JSONResponse({"jobs": [j.public() for j in await runner.db(runner.store.list, status)]})
 
 
 @require_token
 async def job_status(request: Request) -> Response:
-    job = request.app.state.server.jobs.store.get(request.path_params["job_id"])
+    runner: JobRunner = request.app.state.server.jobs
+    job = await runner.db(runner.store.get, request.path_params["job_id"])
     if job is None:
         return _error("Unknown job", 404)
     return JSONResponse(job.public())
@@ -153,7 +153,7 @@ async def job_status(request: Request) -> Response:
 @require_token
 async def job_result(request: Request) -> Response:
     runner: JobRunner = request.app.state.server.jobs
-    job = runner.store.get(request.path_params["job_id"])
+    job = await runner.db(runner.store.get, request.path_params["job_id"])
     if job is None:
         return _error("Unknown job", 404)
     if job.status != "done":
@@ -161,8 +161,8 @@ async def job_result(request: Request) -> Response:
     fmt = request.query_params.get("format", "json")
     if fmt not in ("json", "text", "srt", "vtt"):
         return _error("format must be json, text, srt or vtt", 400)
-    words = runner.store.words(job.id)
-    turns = runner.store.turns(job.id)
+    words = await runner.db(runner.store.words, job.id)
+    turns = await runner.db(runner.store.turns, job.id)
     if turns:
         words = with_speakers(words, turns)
     body, media = render(words, "verbose_json" if fmt == "json" else fmt,
@@ -173,11 +173,10 @@ async def job_result(request: Request) -> Response:
 @require_token
 async def delete_job(request: Request) -> Response:
     runner: JobRunner = request.app.state.server.jobs
-    job = runner.store.delete(request.path_params["job_id"])
+    job = await runner.db(runner.store.delete, request.path_params["job_id"])
     if job is None:
         return _error("Unknown job", 404)
     runner.cancel(job.id)
-    Path(job.audio_path).unlink(missing_ok=True)
     return Response(status_code=204)
 
 
