@@ -229,3 +229,34 @@ def test_kill_9_one_server_mid_chunk_and_the_other_finishes_the_job_with_every_c
 def _held_by(store: JobStore, job_id: str, pid: int) -> list[int]:
     """Chunks of the job that `pid`'s server holds, their words not in."""
     return [idx for idx, owner in store.leases(job_id) if int(owner.split(":")[1]) == pid]
+
+
+def test_a_synchronous_transcription_goes_through_the_shared_queue_and_leaves_nothing_behind(queue_url, tmp_path):
+    _tone_wav(tmp_path / "short.wav", 20.0)
+    servers = _servers(queue_url, tmp_path, 1, 0.0)
+    (_, base, _), = servers
+    store = _store(queue_url, tmp_path / "reader")
+    try:
+        with open(tmp_path / "short.wav", "rb") as f:
+            r = httpx.post(f"http://{base}/v1/audio/transcriptions", files={"file": ("short.wav", f)},
+                           data={"response_format": "verbose_json", "timestamp_granularities[]": "word"}, timeout=60)
+        left = store.list()
+    finally:
+        _stop(servers)
+        store.close()
+    assert r.status_code == 200 and 18 <= len(r.json()["words"]) <= 20
+    assert left == []  # the job and its audio are gone once answered
+
+
+def test_a_server_whose_postgresql_cannot_be_reached_stops_with_a_clear_error():
+    import subprocess
+    import sys
+
+    from tests.live import free_port
+
+    url = f"postgresql://streamserver:secret@127.0.0.1:{free_port()}/jobs"
+    done = subprocess.run([sys.executable, "-m", "tests.fake_server", "--simulate-gpus", "1x16", "--jobs-db", url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "streamserver: error: --jobs-db postgresql://streamserver:***@127.0.0.1" in done.stderr
+    assert "secret" not in done.stderr + done.stdout
