@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-log = logging.getLogger("streamserver.models")
+log = logging.getLogger("streamserver.engine.models")
 
 SAMPLE_RATE = 16000
 

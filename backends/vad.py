@@ -237,6 +237,11 @@ class SpeechSegmenter:
         """Where speech would end (with its pad) if the pause now under way lasts: None if none is."""
         return None if self._silence_from is None else self._silence_from + self.pad_samples
 
+    def force_end(self) -> None:
+        """End the speech under way now (the caller ended the utterance); the next speech window starts anew."""
+        self._triggered = False
+        self._silence_from = None
+
     def push(self, probs: np.ndarray) -> list[SpeechEvent]:
         """Consume probabilities for the next consecutive WINDOW-sample windows."""
         events: list[SpeechEvent] = []

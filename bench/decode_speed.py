@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from streamserver.audio import SAMPLE_RATE, make_decoder  # noqa: E402
+from streamserver.audio.decoders import SAMPLE_RATE, make_decoder  # noqa: E402
 
 
 def decode_seconds(data: bytes, piece: int) -> tuple[float, int]:

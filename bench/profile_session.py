@@ -24,8 +24,8 @@ from bench.load_client import load_pcm16k  # noqa: E402
 from bench.metrics import percentile  # noqa: E402
 from gpu_manager import Device  # noqa: E402
 from streamserver.config import ServerConfig  # noqa: E402
-from streamserver.models import make_loader  # noqa: E402
-from streamserver.session import AudioInbox, Session, answer_directly  # noqa: E402
+from streamserver.engine.models import make_loader  # noqa: E402
+from streamserver.live.session import AudioInbox, Session, answer_directly  # noqa: E402
 
 
 def main() -> None:

@@ -9,13 +9,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .admin import load_models, unload_models
-from .auth import require_token
+from .ops.admin import load_models, unload_models
+from .ops.auth import require_token
 from .config import ServerConfig
-from .connection import asr_endpoint
+from .protocols.asr import asr_endpoint
 from .jobs.api import jobs_routes
 from .page import page_routes
-from .runtime import ModelLoader
+from .engine.runtime import ModelLoader
 from .server import Server
 
 log = logging.getLogger("streamserver")
@@ -59,6 +59,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
     async def lifespan(app: Starlette):
         server.jobs.start()
         yield
+        await server.resumes.close_all()
         await server.jobs.stop()
         server.shutdown()
 

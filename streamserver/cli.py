@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import ctl
+from .ops import ctl
 from .config import ServerConfig
 
 if TYPE_CHECKING:
-    from .runtime import ModelLoader
+    from .engine.runtime import ModelLoader
 
 ENV_PREFIX = "STREAMSERVER_"
 
@@ -74,6 +74,8 @@ FLAGS: list[tuple[str, object, str]] = [
                      "several servers share"),
     ("job_lease_seconds", float, "how long a server's claim on a file chunk lasts without its heartbeat: "
                                  "the chunks of a server that died go to the others after this"),
+    ("resume_seconds", float, "how long a dropped /asr stream is kept (its slot held) for its client to "
+                              "resume with its token (0: never)"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),
     ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
@@ -118,7 +120,7 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
     import uvicorn
 
     from .app import create_app
-    from .drain import GracefulServer
+    from .ops.drain import GracefulServer
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -84,6 +84,7 @@ REFUSED_ORIGIN = "Origin not allowed"  # 1008
 REFUSED_UNAUTHORIZED = "Unauthorized"  # 1008 (and the HTTP 401 body)
 REFUSED_DRAINING = "Server is draining"  # 1001
 REFUSED_FULL = "No GPU resources available"  # 1008
+UNKNOWN_SESSION = "Unknown or expired session"  # 1008: a resume token that opens nothing
 
 # The close reason (1001) of a stream ended by the drain.
 SHUTTING_DOWN = "Server shutting down"

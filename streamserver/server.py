@@ -14,10 +14,11 @@ from gpu_manager.device import Device, MemoryFigures
 from gpu_manager.nvml import Nvml
 
 from .config import ServerConfig, default_jobs_db
-from .drain import Drain
-from .metrics import Metrics
+from .ops.drain import Drain
+from .ops.metrics import Metrics
 from .jobs.runner import JobRunner
-from .runtime import DeviceRuntime, ModelLoader
+from .live.resume import Resumes
+from .engine.runtime import DeviceRuntime, ModelLoader
 
 log = logging.getLogger("streamserver")
 
@@ -32,11 +33,12 @@ class Server:
     metrics: Metrics
     drain: Drain
     jobs: JobRunner | None = None  # file transcription jobs (set by build)
+    resumes: Resumes | None = None  # live streams whose client dropped, waiting for it (set by build)
 
     @classmethod
     def build(cls, config: ServerConfig, loader: ModelLoader | None = None, nvml_factory=Nvml) -> "Server":
         if loader is None:
-            from .models import make_loader
+            from .engine.models import make_loader
 
             loader = make_loader(config)
         inventory = discover(config.simulate_gpus, list(config.gpus) if config.gpus else None, nvml_factory)
@@ -67,6 +69,7 @@ class Server:
         server = cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
         server.jobs = JobRunner(server, config.jobs_db or default_jobs_db(), lease_seconds=config.job_lease_seconds)
         server.jobs.check()
+        server.resumes = Resumes(config.resume_seconds)
         return server
 
     def gpu_entry(self, device_id: int) -> dict:
@@ -78,6 +81,7 @@ class Server:
             "device": load.device.label,
             "name": load.device.name,
             "active_connections": load.active,
+            "held_for_resume": self.resumes.held(device_id) if self.resumes else 0,
             "max_connections": load.limit,
             "free_slots": 0 if self.drain.draining else load.free,
             "allocated_memory_gb": round(MemoryFigures.gb(mem.used_bytes), 2),

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import httpx
 from tqdm import tqdm
 
-from .ctl import DEFAULT_URL
+from .ops.ctl import DEFAULT_URL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import numpy as np
 
 from gpu_manager import Device
 from streamserver.cli import parse_config, serve
-from streamserver.runtime import DeviceModels
+from streamserver.engine.runtime import DeviceModels
 from tests.fakes import EchoASR, fake_loader
 
 

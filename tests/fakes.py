@@ -7,7 +7,7 @@ import numpy as np
 
 from backends.asr_types import Segment, Word
 from gpu_manager import GIB, Device
-from streamserver.runtime import DeviceModels
+from streamserver.engine.runtime import DeviceModels
 
 
 @dataclass
@@ -82,7 +82,7 @@ def fake_loader(device: Device) -> DeviceModels:
 def runtime_with(asr):
     """A simulated device's runtime whose fake models use `asr` (scheduler tests)."""
     from gpu_manager import discover
-    from streamserver.runtime import DeviceRuntime
+    from streamserver.engine.runtime import DeviceRuntime
 
     def loader(device: Device) -> DeviceModels:
         models = fake_loader(device)

@@ -16,9 +16,10 @@ from tests.live import open_asr, recv_json, serve_app
 @pytest.fixture(params=["fake-nvml", "simulated"])
 def server_url(request):
     if request.param == "simulated":
-        app = create_app(ServerConfig(simulate_gpus="4x16", pcm_input=True), loader=fake_loader)
+        app = create_app(ServerConfig(simulate_gpus="4x16", pcm_input=True, resume_seconds=0), loader=fake_loader)
     else:
-        app = create_app(ServerConfig(pcm_input=True), loader=fake_loader, nvml_factory=lambda: FakeNvml(4, 16.0))
+        app = create_app(ServerConfig(pcm_input=True, resume_seconds=0), loader=fake_loader,
+                         nvml_factory=lambda: FakeNvml(4, 16.0))
     with serve_app(app) as base:
         yield base
 
@@ -71,7 +72,7 @@ def test_a_client_that_vanishes_frees_its_slot(server_url):
     ws.send(b"\x00\x01" * 8000)
     ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the TCP connection just drops
     ws.socket.close()
-    wait_for(lambda: active(server_url) == 0)
+    wait_for(lambda: active(server_url) == 0)  # (--resume-seconds 0 here: nothing is kept for it)
 
 
 def test_gpu_status_shape(server_url):
@@ -88,6 +89,7 @@ def test_gpu_status_shape(server_url):
         "free_memory_gb", "total_memory_gb", "utilization_percent", "models_loaded", "models",
         "batch_share",  # issue 8: the share of the device file jobs used lately
         "free_slots",  # issue 15: the room left on the device
+        "held_for_resume",  # issue 16: slots kept for clients that dropped and may come back
     }
     assert gpu0["free_slots"] == gpu0["max_connections"] - gpu0["active_connections"]
     assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4

@@ -8,7 +8,7 @@ import numpy as np
 
 from backends.asr_types import Segment, TranscribeJob, Word, drive
 from bench.metrics import wer
-from streamserver.alignatt import END_GUARD, AlignAttPolicy
+from streamserver.live.alignatt import END_GUARD, AlignAttPolicy
 
 WORD = 0.5  # one scripted word every half second of audio
 
@@ -76,8 +76,8 @@ def test_a_long_buffer_is_cut_at_a_committed_clause_end_and_its_text_becomes_the
 def test_real_speech_streamed_through_alignatt_comes_back_right(speech_audio, speech_text, tiny_en_checkpoint):
     from gpu_manager import Device
     from streamserver.config import ServerConfig
-    from streamserver.models import make_loader
-    from streamserver.session import AudioInbox, Session, SessionOptions, answer_directly
+    from streamserver.engine.models import make_loader
+    from streamserver.live.session import AudioInbox, Session, SessionOptions, answer_directly
 
     models = make_loader(ServerConfig(model=str(tiny_en_checkpoint)))(Device(0, "cpu", 0, "cpu"))
     inbox = AudioInbox()

@@ -1,8 +1,8 @@
 """Attribution rules on hand-made word and speaker timelines."""
 from backends.asr_types import Word
 from backends.diarization_types import SpeakerTurn
-from streamserver.attribution import SpeakerAttribution
-from streamserver.transcript import Transcript
+from streamserver.live.attribution import SpeakerAttribution
+from streamserver.live.transcript import Transcript
 
 
 def w(start: float, text: str, dur: float = 0.4) -> Word:

@@ -1,4 +1,4 @@
-"""Tests for streamserver.audio: incremental pcm / webm / ogg decoding to 16 kHz mono.
+"""Tests for streamserver.audio.decoders: incremental pcm / webm / ogg decoding to 16 kHz mono.
 
 Fixtures are made offline with espeak-ng + sox + ffmpeg; Chrome-style WebM
 (unknown-size Segment/Cluster, SimpleBlocks, optional lacing) is synthesised
@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from streamserver.audio import FORMATS, SAMPLE_RATE, AudioDecodeError, make_decoder
+from streamserver.audio.decoders import FORMATS, SAMPLE_RATE, AudioDecodeError, make_decoder
 
 TOOLS = ("espeak-ng", "sox", "ffmpeg")
 pytestmark = pytest.mark.skipif(

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamserver import ctl
+from streamserver.ops import ctl
 from tests.live import free_port, open_asr, recv_json, start_server_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

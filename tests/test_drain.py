@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from streamserver.drain import Drain
+from streamserver.ops.drain import Drain
 from tests.fakes import tone
 from tests.live import open_asr, recv_json, start_server_process
 from tests.metrics_text import scrape, value

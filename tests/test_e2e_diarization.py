@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_people_two_speakers_right_turns(tmp_path, caplog):
     audio, truth = make_conversation(tmp_path)
-    caplog.set_level(logging.INFO, logger="streamserver.models")
+    caplog.set_level(logging.INFO, logger="streamserver.engine.models")
     app = create_app(ServerConfig(cache_dir=str(tmp_path / "cache"), diarization=True))
     assert "using the embedding diarizer" in caplog.text
     with serve_app(app) as base:

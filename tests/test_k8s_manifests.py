@@ -288,7 +288,7 @@ def test_probes_ask_ready_and_health(objects):
 
 def test_a_pod_stops_only_after_its_streams_drained(objects, monkeypatch):
     from streamserver.cli import SHUTDOWN_BACKSTOP_SECONDS
-    from streamserver.drain import ABORT_WAIT_SECONDS
+    from streamserver.ops.drain import ABORT_WAIT_SECONDS
 
     deployment = one(objects, "Deployment", "streamserver")
     c = container(deployment, "streamserver")

@@ -12,9 +12,9 @@ from websockets.exceptions import ConnectionClosed
 from gpu_manager import GIB
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
-from streamserver.metrics import RealtimeWindow
-from streamserver.protocol import CaptionState, Line
-from streamserver.stream_meter import ArrivalLog
+from streamserver.ops.metrics import RealtimeWindow
+from streamserver.live.captions import CaptionState, Line
+from streamserver.live.stream_meter import ArrivalLog
 from tests.fakes import FakeNvml, fake_loader, tone
 from tests.live import drain_until_closed, free_port, open_asr, recv_json, serve_app, wait_for
 from tests.metrics_text import parse, per_gpu, scrape, value

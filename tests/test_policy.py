@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from backends.asr_types import Segment, Word
-from streamserver.policy import HypothesisBuffer, LocalAgreementPolicy
-from streamserver.transcript import Transcript
+from streamserver.live.policy import HypothesisBuffer, LocalAgreementPolicy
+from streamserver.live.transcript import Transcript
 
 
 def words(*spec: tuple[float, str]) -> list[Word]:

@@ -1,6 +1,6 @@
 """Wire format details clients depend on."""
-from streamserver import protocol
-from streamserver.protocol import CaptionState, Line
+from streamserver.protocols import asr_wire as protocol
+from streamserver.live.captions import CaptionState, Line
 
 
 def test_times_are_whisperlivekit_strings_and_seconds():

@@ -9,7 +9,7 @@ import pytest
 
 from gpu_manager import MemoryAccount, discover
 from streamserver.errors import GpuOutOfMemory, ModelLoadFailed
-from streamserver.runtime import DeviceRuntime
+from streamserver.engine.runtime import DeviceRuntime
 from tests.fakes import fake_loader
 
 DEVICE = discover(simulate="1x16").devices[0]

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..auth import require_token
+from ..ops.auth import require_token
 from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file, with_speakers
 from .runner import JobRunner
 from .formats import FORMATS, render

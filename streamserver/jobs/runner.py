@@ -34,7 +34,7 @@ from backends.vad import SileroVAD
 
 from .file_audio import SAMPLE_RATE, FileDecodeError, cut_at_pauses, decode_file, speaker_turns
 from .store import LEASE_SECONDS, Chunk, Job, JobStore, is_postgres, new_owner, open_store, owner_alive
-from ..scheduler import RETRY_SECONDS
+from ..engine.scheduler import RETRY_SECONDS
 
 if TYPE_CHECKING:
     from ..server import Server

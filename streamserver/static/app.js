@@ -5,6 +5,9 @@
 // 16 kHz s16le PCM from an AudioWorklet when `config.useAudioWorklet` is true.
 // Stop: finish the recording, send an empty binary frame (end of stream), keep
 // showing updates until `{"type": "ready_to_stop"}` and the server's close.
+// A dropped connection (no close frame: the network went) is resumed: the page
+// keeps recording, reconnects with the `resume_token` of the last `config`, and
+// resends what the server had not received (`received_bytes`) before going on.
 "use strict";
 
 (() => {
@@ -14,6 +17,9 @@
   const TOKEN_KEY = "streamserver.token";
   const SILENCE = -2;
   const SPEAKER_COLORS = 8; // --speaker-1 … --speaker-8 in style.css
+  const RESUME_FOR_MS = 30000; // how long to keep trying to resume a dropped stream
+  const RESUME_RETRY_MS = 1000;
+  const KEEP_SENT_BYTES = 16 * 1024 * 1024; // audio kept for resending after a drop
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -261,10 +267,29 @@
     r.outbox = (r.outbox || Promise.resolve())
       .then(() => (data instanceof Blob ? data.arrayBuffer() : data))
       .then((bytes) => {
-        if (r.ws.readyState === WebSocket.OPEN) r.ws.send(bytes);
+        if (bytes.byteLength) remember(r, bytes);
+        if (r.ws.readyState === WebSocket.OPEN && !r.resuming) r.ws.send(bytes);
       })
       .catch(() => {});
     return r.outbox;
+  }
+
+  /** Every frame recorded, with its offset in the stream, for resending after a drop (the newest 16 MB). */
+  function remember(r, bytes) {
+    r.sent = r.sent || [];
+    r.sent.push({ at: r.sentBytes || 0, bytes });
+    r.sentBytes = (r.sentBytes || 0) + bytes.byteLength;
+    r.keptBytes = (r.keptBytes || 0) + bytes.byteLength;
+    while (r.keptBytes > KEEP_SENT_BYTES && r.sent.length > 1) r.keptBytes -= r.sent.shift().bytes.byteLength;
+  }
+
+  /** After a resume: everything from the byte the server got to, then the stream goes on as before. */
+  function resendFrom(r, offset) {
+    for (const frame of r.sent || []) {
+      const end = frame.at + frame.bytes.byteLength;
+      if (end <= offset) continue;
+      r.ws.send(frame.at >= offset ? frame.bytes : frame.bytes.slice(offset - frame.at));
+    }
   }
 
   function startMediaRecorder(r) {
@@ -343,8 +368,9 @@
 
   // ---- the socket ------------------------------------------------------------------
 
-  function socketUrl(token, wantPcm) {
+  function socketUrl(token, wantPcm, resumeToken) {
     const params = new URLSearchParams();
+    if (resumeToken) params.set("resume", resumeToken);
     for (const name of ["format", "language"]) if (pageQuery.get(name)) params.set(name, pageQuery.get(name));
     if (wantPcm && !params.has("format")) params.set("format", "pcm");
     if (token) params.set("token", token);
@@ -370,7 +396,17 @@
     }
     if (msg.type === "config") {
       r.config = msg;
+      r.resumeToken = msg.resume_token || null;
       showDevice(msg);
+      if (msg.resumed) {
+        r.resuming = false;
+        resendFrom(r, msg.received_bytes || 0);
+        if (r.ended) r.ws.send(new ArrayBuffer(0)); // the end of stream was lost too
+        clearNotice();
+        setState(r.stopping ? "stopping" : "streaming", r.stopping
+          ? "Finishing: the last words are on their way…" : "Reconnected. Listening.");
+        return;
+      }
       if (!r.stopping) beginStreaming(r, !!msg.useAudioWorklet);
     } else if (msg.type === "ready_to_stop") {
       r.readyToStop = true;
@@ -385,7 +421,23 @@
     }
   }
 
+  /** The network dropped mid-stream: keep recording and come back to the same stream. */
+  function resume(r) {
+    r.resuming = true;
+    r.resumeUntil = r.resumeUntil || Date.now() + RESUME_FOR_MS;
+    showNotice("warn", "Connection lost. Reconnecting…");
+    setState("connecting", "Reconnecting…");
+    r.resumeTimer = setTimeout(() => connect(r, r.resumeToken), RESUME_RETRY_MS);
+  }
+
   function onClose(r, event) {
+    if (event.code === 1006 && r.resumeToken && r.recording && !r.readyToStop && !r.cancelled &&
+        Date.now() < (r.resumeUntil || Infinity)) {
+      clearTimeout(r.closeTimer);
+      resume(r);
+      return;
+    }
+    r.resumeUntil = null;
     clearTimeout(r.configTimer);
     clearTimeout(r.closeTimer);
     clearTimeout(r.stopTimer);
@@ -419,12 +471,16 @@
     setState("failed", "Stopped. Press Start to try again.");
   }
 
-  function connect(r) {
-    const ws = new WebSocket(socketUrl(r.token, r.wantPcm));
+  function connect(r, resumeToken) {
+    const ws = new WebSocket(socketUrl(r.token, r.wantPcm, resumeToken));
     ws.binaryType = "arraybuffer";
     r.ws = ws;
     ws.onopen = () => {
       r.opened = true;
+      if (resumeToken) {
+        r.resumeUntil = null; // reached the server: its answer decides now
+        return;
+      }
       if (r.stopping) return;
       setState("connecting", "Connected. Waiting for the server…");
       // WhisperLiveKit servers before `config` existed never send one: stream webm anyway.

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpu_manager import Device, MemoryAccount
 
-from .errors import GpuOutOfMemory, ModelLoadFailed, is_out_of_memory
+from ..errors import GpuOutOfMemory, ModelLoadFailed, is_out_of_memory
 from .scheduler import DeviceScheduler
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..ops.metrics import Metrics
 
-log = logging.getLogger("streamserver.runtime")
+log = logging.getLogger("streamserver.engine.runtime")
 T = TypeVar("T")
 
 

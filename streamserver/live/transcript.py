@@ -10,15 +10,17 @@ from dataclasses import replace
 
 from backends.asr_types import Word
 
-from .protocol import SILENCE_SPEAKER, Line
+from .captions import SILENCE_SPEAKER, Line, SpokenWord
 
 
 class Transcript:
     def __init__(self) -> None:
         self.lines: list[Line] = []
+        self.words: list[SpokenWord] = []  # every committed word, with its speaker
 
     def add_words(self, words: list[Word], speaker: int = 1) -> None:
         for w in words:
+            self.words.append(SpokenWord(w.text.strip(), w.start, w.end, speaker))
             last = self.lines[-1] if self.lines else None
             if last is not None and last.speaker == speaker:
                 text = (last.text + w.text) if last.text else w.text.strip()

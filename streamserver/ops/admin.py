@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .auth import require_token
-from .errors import GpuOutOfMemory, ModelLoadFailed
-from .runtime import DeviceRuntime
-from .server import Server
+from ..errors import GpuOutOfMemory, ModelLoadFailed
+from ..engine.runtime import DeviceRuntime
+from ..server import Server
 
 
 def _error(message: str, status: int) -> JSONResponse:

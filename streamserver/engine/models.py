@@ -12,10 +12,10 @@ from backends.batched_whisper import BatchedWhisper
 from backends.whisper_loader import load_whisper
 from gpu_manager import Device
 
-from .config import ServerConfig
+from ..config import ServerConfig
 from .runtime import DeviceModels, ModelLoader
 
-log = logging.getLogger("streamserver.models")
+log = logging.getLogger("streamserver.engine.models")
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

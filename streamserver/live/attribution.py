@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from backends.asr_types import Word, join_words
 from backends.diarization_types import SpeakerTurn
 
-from .protocol import SILENCE_SPEAKER
+from .captions import SILENCE_SPEAKER
 
 # A word no turn overlaps takes the nearest turn's speaker if one is this close.
 NEAREST_TURN_SECONDS = 1.0

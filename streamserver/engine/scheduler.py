@@ -40,12 +40,12 @@ from backends.asr_types import Segment, Steps, TranscribeJob
 from backends.diarization_types import DiarizeJob
 from backends.vad import VadJob
 
-from .errors import is_out_of_memory
+from ..errors import is_out_of_memory
 
 if TYPE_CHECKING:
     from .runtime import DeviceRuntime
 
-log = logging.getLogger("streamserver.scheduler")
+log = logging.getLogger("streamserver.engine.scheduler")
 
 BUSY_WINDOW = 5.0  # seconds over which the live streams' share of the device is measured
 PAUSE_DUTY = 0.5  # file work pauses while live rounds fill more than this share

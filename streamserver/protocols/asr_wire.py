@@ -8,30 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-SILENCE_SPEAKER = -2
-
-
-@dataclass(frozen=True)
-class Line:
-    """One caption line: a speaker's run of committed words, or a silence (`speaker == -2`)."""
-
-    speaker: int
-    text: str
-    start: float
-    end: float
-
-
-@dataclass(frozen=True)
-class CaptionState:
-    """Everything a connection's update message says, as plain values."""
-
-    lines: tuple[Line, ...] = ()
-    buffer_transcription: str = ""
-    buffer_diarization: str = ""
-    remaining_transcription: float = 0.0
-    remaining_diarization: float = 0.0
-    speech_detected: bool = False
-
+from ..live.captions import SILENCE_SPEAKER, CaptionState, Line  # noqa: F401 - re-exported
 
 @dataclass(frozen=True)
 class ConfigInfo:

@@ -24,7 +24,7 @@ from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 from .attribution import SpeakerAttribution
 from .alignatt import AlignAttPolicy
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
-from .protocol import SILENCE_SPEAKER, CaptionState
+from .captions import SILENCE_SPEAKER, CaptionState, SpokenWord
 from .transcript import Transcript
 
 
@@ -117,6 +117,8 @@ class Session:
         self._fed_end = 0  # absolute sample up to which the last utterance was fed (the next starts after)
         self._tentative: list = []
         self._said: list[str] = []  # keys of the last committed words, so a repeat is never committed
+        self._starts: list[float] = []  # stream seconds where each utterance began, and ended
+        self._ends: list[float] = []
 
     # -- worker side ----------------------------------------------------
     def step(self) -> Steps:
@@ -142,6 +144,7 @@ class Session:
                     self.policy.end_at(min(tail_end, self.segmenter.speech_end) / SAMPLE_RATE)
                 self._commit((yield from self.policy.finish_steps()))
                 self._in_speech = False
+                self._ends.append(tail_end / SAMPLE_RATE)
                 self._speech_end = self._fed_end = tail_end
             self._tentative = []
             if self.diarizer is not None:
@@ -150,6 +153,18 @@ class Session:
             self._attribute(everything=True)
             self._note_silence(tail_end)
             return self.state(final=True)
+
+    def cut(self) -> Steps:
+        """The client asks for everything heard so far now (Deepgram's `Finalize`, OpenAI's `commit`):
+        the utterance under way ends here, as if the speaker had paused; the stream goes on, and the
+        next speech starts a new utterance."""
+        with self._lock:
+            yield from self._take_in()
+            if self._in_speech:
+                self.segmenter.force_end()
+                yield from self._speech_ends(self._vad_samples)
+            self._attribute()
+            return self.state()
 
     def state(self, final: bool = False) -> CaptionState:
         done = self.policy.processed_until if self._in_speech else self._vad_samples / SAMPLE_RATE
@@ -162,6 +177,10 @@ class Session:
             remaining_transcription=0.0 if final else received - done,
             remaining_diarization=0.0 if final else received - diarized,
             speech_detected=self._speech_seen,
+            words=tuple(self.transcript.words),
+            tentative=() if final else tuple(SpokenWord(w.text.strip(), w.start, w.end) for w in self._tentative),
+            speech_starts=tuple(self._starts),
+            speech_ends=tuple(self._ends),
         )
 
     # -- internals --------------------------------------------------------
@@ -190,6 +209,7 @@ class Session:
         self._note_silence(sample)
         self._speech_seen = True
         self._in_speech = True
+        self._starts.append(sample / SAMPLE_RATE)
         self.policy.start(sample / SAMPLE_RATE)
         self._fed_until = sample
 
@@ -221,6 +241,7 @@ class Session:
         self._commit((yield from self.policy.finish_steps()))
         self._tentative = []
         self._in_speech = False
+        self._ends.append(sample / SAMPLE_RATE)
         self._speech_end = sample
         self._fed_end = max(sample, self._fed_until)
 

@@ -1,7 +1,7 @@
 """Access control: the API token and the browser origins allowed to open `/asr`.
 
-The token comes as `Authorization: Bearer T` or `?token=T` (browsers cannot set
-headers on a WebSocket) and is compared in constant time. An `Origin` header is
+The token comes as `Authorization: Bearer T` (OpenAI's clients), `Authorization: Token T`
+(Deepgram's) or `?token=T` (browsers cannot set headers on a WebSocket) and is compared in constant time. An `Origin` header is
 what a browser sends; a client without one is not a browser and the origin
 rule does not apply to it (the token still does).
 """
@@ -14,14 +14,14 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import REFUSED_UNAUTHORIZED
+from ..errors import REFUSED_UNAUTHORIZED
 
 
 def presented_token(conn: HTTPConnection) -> str | None:
     """The token the client sent, from the header or the query."""
     header = conn.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
+    if scheme.lower() in ("bearer", "token") and value.strip():
         return value.strip()
     return conn.query_params.get("token")
 

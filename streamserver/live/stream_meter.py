@@ -12,8 +12,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .metrics import Metrics
-from .protocol import SILENCE_SPEAKER, CaptionState
+from ..ops.metrics import Metrics
+from .captions import SILENCE_SPEAKER, CaptionState
 
 
 def committed_until(state: CaptionState) -> float:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import uvicorn
 
-log = logging.getLogger("streamserver.drain")
+log = logging.getLogger("streamserver.ops.drain")
 
 ABORT_WAIT_SECONDS = 5.0  # after the grace period: time for cut streams to send their close
 

@@ -1,0 +1,189 @@
+"""Resumable `/asr` sessions over real sockets: a client whose TCP connection drops comes back with its
+token to the same stream (slot, lines, received bytes) and sends only what was lost."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from tests.fakes import fake_loader, tone
+from tests.live import recv_json, serve_app
+
+FRAME = 3200  # 0.1 s of 16 kHz s16le
+
+
+@pytest.fixture
+def base():
+    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu=2, pcm_input=True,
+                                  resume_seconds=30), loader=fake_loader)
+    with serve_app(app) as url:
+        yield url
+
+
+def _open(base: str, query: str = ""):
+    return connect(f"ws://{base}/asr{query}", max_size=None, open_timeout=30)
+
+
+def _drop(ws) -> None:
+    """The network goes: no close frame, the TCP connection just ends."""
+    ws.socket.shutdown(socket.SHUT_RDWR)
+    ws.socket.close()
+
+
+def _gpu(base: str) -> dict:
+    return httpx.get(f"http://{base}/gpu-status").json()["gpus"][0]
+
+
+def _wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def _send(ws, pcm: bytes, pace: float = 5.0) -> None:
+    """At `pace` times real time, as a live client (each frame gets its own steps)."""
+    for i in range(0, len(pcm), FRAME):
+        ws.send(pcm[i:i + FRAME])
+        time.sleep(0.1 / pace)
+
+
+def _until_heard(ws, seconds: float) -> dict:
+    """Updates until one has lines reaching `seconds` into the stream."""
+    while True:
+        msg = recv_json(ws)
+        if msg.get("lines") and msg["lines"][-1]["end_s"] >= seconds:
+            return msg
+
+
+def _settle(ws, seconds: float = 1.0) -> None:
+    """Read what the server says for `seconds` (it has taken in what was sent)."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            ws.recv(timeout=left)
+        except TimeoutError:
+            return
+
+
+def _finish(ws) -> dict:
+    ws.send(b"")
+    last = None
+    while True:
+        msg = recv_json(ws)
+        if msg.get("type") == "ready_to_stop":
+            return last
+        last = msg
+
+
+def _words(update: dict) -> list[str]:
+    return " ".join(line["text"] for line in update["lines"] if line["speaker"] > 0).split()
+
+
+def _audio() -> bytes:
+    pause = tone(2.5, amplitude=0.002)  # silence to the VAD, nothing to the ASR: an utterance ends
+    return tone(4.0) + pause + tone(4.0, amplitude=0.05) + pause + tone(3.0)
+
+
+def test_a_dropped_client_resumes_its_stream_and_the_transcript_is_the_uninterrupted_one(base):
+    pcm = _audio()
+    with _open(base) as ws:  # the same audio, never interrupted
+        recv_json(ws)
+        _send(ws, pcm)
+        whole = _finish(ws)
+
+    ws = _open(base)
+    config = recv_json(ws)
+    token = config["resume_token"]
+    cut = 8 * 32000  # 8 s in
+    _send(ws, pcm[:cut])
+    before = _until_heard(ws, 5.0)
+    _drop(ws)
+    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+    assert _gpu(base)["active_connections"] == 1  # the slot is held for the client
+
+    with _open(base, f"?resume={token}") as again:
+        resumed = recv_json(again)
+        assert resumed["type"] == "config" and resumed["resumed"] is True
+        # what reached the server before the drop (frames in flight when it dropped may be lost)
+        assert 5 * 32000 <= resumed["received_bytes"] <= cut and resumed["received_bytes"] % 2 == 0
+        assert resumed["connection_id"] == config["connection_id"]
+        assert resumed["resume_token"] != token  # a token works once
+        state = recv_json(again)  # the current full state comes first
+        assert state["lines"][:len(before["lines"]) - 1] == before["lines"][:-1]  # committed lines kept
+        _send(again, pcm[resumed["received_bytes"]:])
+        final = _finish(again)
+    assert _words(final) == _words(whole)
+    _wait(lambda: _gpu(base)["active_connections"] == 0 and _gpu(base)["held_for_resume"] == 0)
+
+
+def test_a_second_drop_resumes_too_and_a_used_token_opens_nothing(base):
+    pcm = _audio()
+    ws = _open(base)
+    first = recv_json(ws)["resume_token"]
+    _send(ws, pcm[:4 * 32000])
+    _settle(ws)
+    _drop(ws)
+    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+    ws = _open(base, f"?resume={first}")
+    second = recv_json(ws)
+    _send(ws, pcm[second["received_bytes"]:9 * 32000])
+    _settle(ws)
+    _drop(ws)
+    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+    with _open(base, f"?resume={first}") as stale:  # the first token was spent
+        with pytest.raises(ConnectionClosed) as closed:
+            stale.recv(timeout=10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Unknown or expired session")
+    with _open(base, f"?resume={second['resume_token']}") as ws:
+        third = recv_json(ws)
+        assert third["resumed"] is True and 6 * 32000 <= third["received_bytes"] <= 9 * 32000
+        recv_json(ws)
+        _send(ws, pcm[third["received_bytes"]:])
+        final = _finish(ws)
+    assert len(_words(final)) >= 10
+
+
+def test_an_unknown_token_is_refused_and_takes_no_slot(base):
+    with _open(base, "?resume=not-a-token") as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Unknown or expired session")
+    assert _gpu(base)["active_connections"] == 0
+
+
+def test_a_client_that_does_not_come_back_in_time_loses_its_slot_and_its_token():
+    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True, resume_seconds=1), loader=fake_loader)
+    with serve_app(app) as base:
+        ws = _open(base)
+        token = recv_json(ws)["resume_token"]
+        _send(ws, tone(2.0))
+        _drop(ws)
+        _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+        _wait(lambda: _gpu(base)["active_connections"] == 0 and _gpu(base)["held_for_resume"] == 0, timeout=5)
+        with _open(base, f"?resume={token}") as late:
+            with pytest.raises(ConnectionClosed) as closed:
+                late.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008
+
+
+def test_a_client_that_closes_the_socket_itself_is_not_waited_for(base):
+    ws = _open(base)
+    recv_json(ws)
+    _send(ws, tone(2.0))
+    ws.close()  # a close frame: the client meant to go
+    _wait(lambda: _gpu(base)["active_connections"] == 0)
+    assert _gpu(base)["held_for_resume"] == 0
+
+
+def test_without_resume_seconds_there_is_no_token():
+    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True, resume_seconds=0), loader=fake_loader)
+    with serve_app(app) as base, _open(base) as ws:
+        assert "resume_token" not in json.loads(ws.recv(timeout=10))
