@@ -13,6 +13,7 @@ from .ops.admin import load_models, unload_models
 from .ops.auth import require_token
 from .config import ServerConfig
 from .protocols.asr import asr_endpoint
+from .protocols.deepgram import listen_endpoint
 from .jobs.api import jobs_routes
 from .page import page_routes
 from .engine.runtime import ModelLoader
@@ -73,6 +74,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
             Route("/models/load", load_models, methods=["POST"]),
             Route("/models/unload", unload_models, methods=["POST"]),
             WebSocketRoute("/asr", asr_endpoint),
+            WebSocketRoute("/v1/listen", listen_endpoint),
             *jobs_routes(),
         ],
         lifespan=lifespan,

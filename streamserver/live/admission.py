@@ -13,7 +13,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from starlette.responses import JSONResponse
+from collections.abc import Callable
+
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from gpu_manager import Device
@@ -28,7 +30,7 @@ errlog = logging.getLogger("streamserver.connection")
 
 # `--refuse-when-full http`: how long a client or proxy is asked to wait before trying this server again.
 RETRY_AFTER_SECONDS = 5
-HTTP_STATUS = {"unauthorized": 401, "origin": 403, "full": 503, "draining": 503}
+HTTP_STATUS = {"unauthorized": 401, "origin": 403, "format": 400, "full": 503, "draining": 503}
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,15 @@ class Refusal:
     answered: bool = False
 
 
+Denial = Callable[["Refusal"], Response]
+
+
 async def admit(server: Server, websocket: WebSocket, stream_id: str, bad_request: str | None = None,
-                http_reasons: frozenset[str] = frozenset()) -> Device | Refusal:
+                http_reasons: frozenset[str] = frozenset(), deny: Denial | None = None) -> Device | Refusal:
     """Accept the socket and take a device slot, or say why not. `bad_request`: the adapter's own
     verdict on the request's parameters (an unsupported format), checked after origin and token;
-    `http_reasons`: refusals this adapter answers as HTTP instead of accepting the socket."""
+    `http_reasons`: refusals this adapter answers as HTTP instead of accepting the socket, with
+    `deny`'s response (default: the status in `HTTP_STATUS` and the contract's error body)."""
     config = server.config
     if config.refuse_when_full == "http":
         http_reasons = http_reasons | {"full", "draining"}
@@ -57,7 +63,7 @@ async def admit(server: Server, websocket: WebSocket, stream_id: str, bad_reques
         if device is None:
             refusal = Refusal("full", 1008, REFUSED_FULL)
     if refusal is not None and refusal.reason in http_reasons:
-        await _deny(server, websocket, refusal)
+        await _deny(server, websocket, refusal, deny or http_denial)
         return Refusal(refusal.reason, refusal.code, refusal.message, answered=True)
     try:
         await websocket.accept()
@@ -108,17 +114,20 @@ def _count(server: Server, websocket: WebSocket, refusal: Refusal) -> None:
         errlog.info("Refused connection from %s: %s", peer(websocket), refusal.message)
 
 
-async def _deny(server: Server, websocket: WebSocket, refusal: Refusal) -> None:
+def http_denial(refusal: Refusal) -> Response:
     """The refusal as the answer to the upgrade request: its status, `Retry-After` where trying again
     (elsewhere) makes sense, and the contract's error text."""
-    _count(server, websocket, refusal)
     status = HTTP_STATUS.get(refusal.reason, 400)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
     if status == 401:
-        headers["WWW-Authenticate"] = "Token"
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": refusal.message}, status_code=status, headers=headers)
+
+
+async def _deny(server: Server, websocket: WebSocket, refusal: Refusal, deny: Denial) -> None:
+    _count(server, websocket, refusal)
     try:
-        await websocket.send_denial_response(JSONResponse({"error": refusal.message}, status_code=status,
-                                                          headers=headers))
+        await websocket.send_denial_response(deny(refusal))
     except Exception:
         pass
 

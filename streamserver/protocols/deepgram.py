@@ -1,0 +1,286 @@
+"""`/v1/listen`: Deepgram's live streaming API, so Deepgram's SDKs and the apps built on them work unchanged.
+
+Binary frames are audio; text frames are control messages (`KeepAlive`, `Finalize`,
+`CloseStream`). Out come `Results` (final ones as words are committed, interim ones
+with the words still forming when `interim_results=true`), `SpeechStarted`
+(`vad_events=true`), `UtteranceEnd` (`utterance_end_ms`) and, at the end, `Metadata`.
+
+How Deepgram's parameters map onto the engine:
+- `is_final`: committed words (they never change again); `speech_final`: the final
+  `Results` that ends an utterance (the VAD heard the pause); `endpointing=N` sets that
+  pause to N ms (at least `MIN_ENDPOINTING_MS`; `false`: the server's own, 2 s);
+- `Finalize`: the utterance under way is committed now, and its `Results` carry
+  `from_finalize: true`; `CloseStream` (or an empty binary frame): everything, then
+  `Metadata` and a 1000 close;
+- `encoding`: `linear16`, `mulaw`, `alaw` at any `sample_rate` and `channels`
+  (averaged to mono); omitted, or `opus`: a WebM or Ogg container, detected;
+- `punctuate`/`smart_format`: punctuated words and transcript (Whisper's own
+  punctuation; no number or date formatting); otherwise lower case, no punctuation;
+- `diarize`: a `speaker` per word (0-based) when the server runs `--diarization`;
+- accepted and not honoured: `model`, `version`, `tier`, `keywords`, `keyterm`, `search`,
+  `replace`, `redact`, `numerals`, `profanity_filter`, `filler_words`, `multichannel` (mixed
+  to one channel), `tag`, `callback`; `confidence` is always 1.0 (Whisper's word
+  probabilities are not carried through).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+
+from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket
+
+from ..audio.decoders import AudioDecodeError, Decoder, make_decoder
+from ..audio.raw import RawDecoder
+from ..errors import ConnectionFailure, DecodeFailed, FrameTooLarge
+from ..live.admission import Refusal, admit
+from ..live.captions import SpokenWord
+from ..live.session import SessionOptions
+from ..live.stream import LiveStream, StreamUpdate
+from ..server import Server
+from . import driver
+
+MIN_ENDPOINTING_MS = 300
+MODEL_UUID = "00000000-0000-4000-8000-000000000000"  # stands for the server's one Whisper model
+_PUNCT = re.compile(r"[^\w'-]+")
+ERRORS = {  # Deepgram's error codes in the HTTP answer to a refused upgrade
+    "unauthorized": (401, "INVALID_AUTH", "Invalid credentials."),
+    "origin": (403, "INSUFFICIENT_PERMISSIONS", "Origin not allowed."),
+    "format": (400, "Bad Request", ""),
+    "full": (429, "TOO_MANY_REQUESTS", "Too many requests: no GPU resources available. Try again shortly."),
+    "draining": (503, "SERVICE_UNAVAILABLE", "The server is draining."),
+}
+
+
+def _flag(params, name: str, default: bool = False) -> bool:
+    value = params.get(name)
+    return default if value is None else value.lower() in ("true", "1", "yes")
+
+
+class ListenOptions:
+    """The query parameters of one `/v1/listen` request, checked."""
+
+    def __init__(self, params) -> None:
+        self.encoding = (params.get("encoding") or "").lower()
+        self.sample_rate = int(params.get("sample_rate") or 16000)
+        self.channels = int(params.get("channels") or 1)
+        self.language = params.get("language") or None
+        self.interim_results = _flag(params, "interim_results")
+        self.punctuate = _flag(params, "punctuate") or _flag(params, "smart_format")
+        self.diarize = _flag(params, "diarize")
+        self.vad_events = _flag(params, "vad_events")
+        self.utterance_end_ms = int(params["utterance_end_ms"]) if params.get("utterance_end_ms") else None
+        endpointing = (params.get("endpointing") or "").lower()
+        self.endpointing_ms = None if endpointing in ("", "false") else max(MIN_ENDPOINTING_MS, int(endpointing))
+        if self.language and self.language.split("-")[0] not in ("en", "multi"):
+            self.language = self.language.split("-")[0]
+        elif self.language:
+            self.language = None if self.language == "multi" else "en"
+
+    def decoder(self) -> Decoder:
+        if self.encoding in ("", "opus"):
+            return make_decoder("auto")
+        return RawDecoder(self.encoding, self.sample_rate, self.channels)
+
+
+def _options(params) -> ListenOptions | str:
+    try:
+        options = ListenOptions(params)
+        options.decoder()
+    except ValueError as exc:
+        return f"Bad Request: {exc}"
+    return options
+
+
+def _denial(refusal: Refusal) -> Response:
+    status, code, message = ERRORS.get(refusal.reason, (400, "Bad Request", refusal.message))
+    headers = {"Retry-After": "5"} if status in (429, 503) else {}
+    return JSONResponse({"err_code": code, "err_msg": message or refusal.message, "request_id": str(uuid.uuid4())},
+                        status_code=status, headers=headers)
+
+
+async def listen_endpoint(websocket: WebSocket) -> None:
+    server: Server = websocket.app.state.server
+    options = _options(websocket.query_params)
+    stream_id = str(uuid.uuid4())
+    admitted = await admit(server, websocket, stream_id, options if isinstance(options, str) else None,
+                           http_reasons=frozenset({"unauthorized", "origin", "format", "full", "draining"}),
+                           deny=_denial)
+    if isinstance(admitted, Refusal):
+        if not admitted.answered:
+            await websocket.close(1008, admitted.message[:123])
+        return
+    assert isinstance(options, ListenOptions)
+    config = server.config
+    pause = options.endpointing_ms / 1000 if options.endpointing_ms else SessionOptions.utterance_pause_seconds
+    stream = LiveStream(server, admitted, stream_id, SessionOptions(
+        config.silence_line_seconds, language=options.language, trim_seconds=config.trim_seconds,
+        policy=config.policy, utterance_pause_seconds=pause))
+    stream.start()
+    try:
+        await driver.serve(websocket, stream, DeepgramAdapter(stream, options, options.decoder(),
+                                                              config.max_frame_bytes, config.model_label))
+    finally:
+        await stream.close()
+
+
+class DeepgramAdapter:
+    def __init__(self, stream: LiveStream, options: ListenOptions, decoder: Decoder, max_frame: int,
+                 model: str) -> None:
+        self.stream = stream
+        self.options = options
+        self.decoder = decoder
+        self.max_frame = max_frame
+        self.model = model
+        self.created = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self._sha = hashlib.sha256()
+        self._final_words = 0  # committed words already sent in final Results
+        self._cursor = 0.0  # where the last final Results ended
+        self._starts = 0  # utterance starts and ends already told
+        self._ends = 0
+        self._interim = ""
+        self._finalizing = False
+
+    # -- client → stream ----------------------------------------------------
+    def opening(self) -> list[dict]:
+        return []
+
+    async def on_message(self, message: dict, stream: LiveStream) -> list[dict] | None:
+        data = message.get("bytes")
+        if data is not None:
+            if len(data) > self.max_frame:
+                raise FrameTooLarge(len(data), self.max_frame)
+            if not data:  # Deepgram's older way to close a stream
+                self._end(stream)
+                return None
+            self._sha.update(data)
+            try:
+                stream.feed(self.decoder.feed(data), len(data))
+            except AudioDecodeError as exc:
+                raise DecodeFailed(str(exc)) from exc
+            return None
+        try:
+            kind = json.loads(message.get("text") or "").get("type")
+        except (ValueError, AttributeError):
+            raise _DataError("A text message must be a JSON control message (KeepAlive, Finalize, CloseStream)")
+        if kind == "Finalize":
+            self._finalizing = True
+            stream.cut()
+        elif kind == "CloseStream":
+            self._end(stream)
+        elif kind != "KeepAlive":
+            raise _DataError(f"Unknown control message type {kind!r}")
+        return None
+
+    def _end(self, stream: LiveStream) -> None:
+        if not stream.ended:
+            stream.feed(self.decoder.flush())
+            stream.end()
+
+    # -- stream → client ----------------------------------------------------
+    def render(self, update: StreamUpdate) -> list[dict]:
+        state = update.state
+        events: list[dict] = []
+        if self.options.vad_events:
+            for start in state.speech_starts[self._starts:]:
+                events.append({"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(start, 3)})
+        self._starts = len(state.speech_starts)
+        new = state.words[self._final_words:]
+        ended = len(state.speech_ends) > self._ends
+        if new or (ended and self._final_words) or self._finalizing:
+            events.append(self._results(new, True, speech_final=ended, received=update.received_seconds))
+            self._final_words = len(state.words)
+            self._interim = ""
+        if ended:
+            if self.options.utterance_end_ms is not None:
+                last = state.words[-1].end if state.words else state.speech_ends[-1]
+                events.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last, 3)})
+            self._ends = len(state.speech_ends)
+        if self.options.interim_results:
+            text = self._transcript(state.tentative)
+            if state.tentative and text != self._interim:
+                events.append(self._results(state.tentative, False, received=update.received_seconds))
+                self._interim = text
+        return events
+
+    def ending(self, update: StreamUpdate) -> driver.Ending:
+        self._finalizing = False
+        events = self.render(update)
+        if len(update.state.words) > self._final_words:
+            events.append(self._results(update.state.words[self._final_words:], True, speech_final=True,
+                                        received=update.received_seconds))
+        events.append(self._metadata(update.received_seconds))
+        if update.drained:
+            return driver.Ending(events, 1001, "Server shutting down")
+        return driver.Ending(events, 1000, "")
+
+    def failure(self, failure: ConnectionFailure) -> driver.Ending:
+        if isinstance(failure, (DecodeFailed, _DataError)):
+            return driver.Ending([], 1008, "DATA-0000")
+        if failure.code == 1001:
+            return driver.Ending([], 1001, "Server shutting down")
+        return driver.Ending([], failure.code, "NET-0001")
+
+    def _results(self, words: tuple[SpokenWord, ...], final: bool, speech_final: bool = False,
+                 received: float = 0.0) -> dict:
+        start = self._cursor if final else (words[0].start if words else self._cursor)
+        end = max([w.end for w in words] or [received if speech_final else start])
+        from_finalize = final and self._finalizing
+        if final:
+            self._cursor = max(self._cursor, end)
+            self._finalizing = False
+        return {
+            "type": "Results",
+            "channel_index": [0, 1],
+            "duration": round(max(end - start, 0.0), 3),
+            "start": round(start, 3),
+            "is_final": final,
+            "speech_final": speech_final and final,
+            "from_finalize": from_finalize,
+            "channel": {"alternatives": [{
+                "transcript": self._transcript(words),
+                "confidence": 1.0 if words else 0.0,
+                "words": [self._word(w) for w in words],
+            }]},
+            "metadata": {"request_id": self.stream.id, "model_uuid": MODEL_UUID,
+                         "model_info": {"name": self.model, "version": "streamserver", "arch": "whisper"}},
+        }
+
+    def _word(self, w: SpokenWord) -> dict:
+        out = {"word": _plain(w.text), "start": round(w.start, 3), "end": round(w.end, 3), "confidence": 1.0,
+               "punctuated_word": w.text if self.options.punctuate else _plain(w.text)}
+        if self.options.diarize:
+            out["speaker"] = max(w.speaker - 1, 0)
+            out["speaker_confidence"] = 1.0 if w.speaker > 0 else 0.0
+        return out
+
+    def _transcript(self, words: tuple[SpokenWord, ...]) -> str:
+        if self.options.punctuate:
+            return " ".join(w.text for w in words)
+        return " ".join(p for p in (_plain(w.text) for w in words) if p)
+
+    def _metadata(self, received: float) -> dict:
+        return {
+            "type": "Metadata",
+            "transaction_key": "deprecated",
+            "request_id": self.stream.id,
+            "sha256": self._sha.hexdigest(),
+            "created": self.created,
+            "duration": round(received, 3),
+            "channels": self.options.channels,
+            "models": [MODEL_UUID],
+            "model_info": {MODEL_UUID: {"name": self.model, "version": "streamserver", "arch": "whisper"}},
+        }
+
+
+def _plain(text: str) -> str:
+    return _PUNCT.sub("", text.lower()).strip("'-")
+
+
+class _DataError(ConnectionFailure):
+    """Input Deepgram would refuse as DATA-0000 (close 1008)."""
+
+    code = 1008
