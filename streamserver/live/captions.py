@@ -44,6 +44,7 @@ class CaptionState:
     tentative: tuple[SpokenWord, ...] = ()  # the words still forming (may change)
     speech_starts: tuple[float, ...] = ()  # stream seconds where each utterance began
     speech_ends: tuple[float, ...] = ()  # ... and ended (one fewer while one is under way)
+    cuts: int = 0  # how many of the client's cuts (Finalize, commit) this state includes
 
     @property
     def in_speech(self) -> bool:

@@ -119,6 +119,7 @@ class Session:
         self._said: list[str] = []  # keys of the last committed words, so a repeat is never committed
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
         self._ends: list[float] = []
+        self._cuts = 0
 
     # -- worker side ----------------------------------------------------
     def step(self) -> Steps:
@@ -163,8 +164,20 @@ class Session:
             if self._in_speech:
                 self.segmenter.force_end()
                 yield from self._speech_ends(self._vad_samples)
+            self._cuts += 1
             self._attribute()
             return self.state()
+
+    def retune(self, language: str | None = None, utterance_pause_seconds: float | None = None,
+               prompt: str | None = None) -> None:
+        """Settings a client may change while it streams (OpenAI's `session.update`): they apply from
+        the next step. Each is one attribute write, safe beside the worker thread."""
+        if language is not None:
+            self.policy.language = language
+        if utterance_pause_seconds is not None:
+            self.segmenter.min_silence_samples = int(SAMPLE_RATE * utterance_pause_seconds)
+        if prompt is not None and not self.policy.context:
+            self.policy.context = prompt
 
     def state(self, final: bool = False) -> CaptionState:
         done = self.policy.processed_until if self._in_speech else self._vad_samples / SAMPLE_RATE
@@ -181,6 +194,7 @@ class Session:
             tentative=() if final else tuple(SpokenWord(w.text.strip(), w.start, w.end) for w in self._tentative),
             speech_starts=tuple(self._starts),
             speech_ends=tuple(self._ends),
+            cuts=self._cuts,
         )
 
     # -- internals --------------------------------------------------------

@@ -81,6 +81,8 @@ class LiveStream:
         self._cut = False
         self.parked = False  # its client dropped and may come back (resume.py)
         self._task: asyncio.Task | None = None
+        self._session: Session | None = None
+        self._retune: dict = {}
         self.closed = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -127,6 +129,12 @@ class LiveStream:
         self._cut = True
         self._arrived.set()
 
+    def retune(self, **settings) -> None:
+        """Change the session's language, utterance pause or prompt (`Session.retune`) from now on."""
+        self._retune.update({k: v for k, v in settings.items() if v is not None})
+        if self._session is not None:
+            self._session.retune(**settings)
+
     # -- drain (see drain.py) -----------------------------------------------
     def begin_drain(self) -> None:
         """Finish as at the end of stream; the adapter closes with its protocol's going-away. A stream
@@ -145,7 +153,8 @@ class LiveStream:
         models = await self.runtime.acquire()
         try:
             self.server.memory.account.add_stream(self.device.id, self.id, models.stream_bytes)
-            session = Session(self.inbox, models, self.options)
+            session = self._session = Session(self.inbox, models, self.options)
+            session.retune(**self._retune)
             while not (self.ended or self.draining):
                 try:
                     # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel

@@ -142,7 +142,7 @@ class DeepgramAdapter:
         self._starts = 0  # utterance starts and ends already told
         self._ends = 0
         self._interim = ""
-        self._finalizing = False
+        self._cuts = 0  # the client's Finalize messages already answered with a final Results
 
     # -- client → stream ----------------------------------------------------
     def opening(self) -> list[dict]:
@@ -167,7 +167,6 @@ class DeepgramAdapter:
         except (ValueError, AttributeError):
             raise _DataError("A text message must be a JSON control message (KeepAlive, Finalize, CloseStream)")
         if kind == "Finalize":
-            self._finalizing = True
             stream.cut()
         elif kind == "CloseStream":
             self._end(stream)
@@ -190,8 +189,11 @@ class DeepgramAdapter:
         self._starts = len(state.speech_starts)
         new = state.words[self._final_words:]
         ended = len(state.speech_ends) > self._ends
-        if new or (ended and self._final_words) or self._finalizing:
-            events.append(self._results(new, True, speech_final=ended, received=update.received_seconds))
+        finalized = state.cuts > self._cuts
+        if new or (ended and self._final_words) or finalized:
+            events.append(self._results(new, True, speech_final=ended, received=update.received_seconds,
+                                        from_finalize=finalized))
+            self._cuts = state.cuts
             self._final_words = len(state.words)
             self._interim = ""
         if ended:
@@ -207,7 +209,6 @@ class DeepgramAdapter:
         return events
 
     def ending(self, update: StreamUpdate) -> driver.Ending:
-        self._finalizing = False
         events = self.render(update)
         if len(update.state.words) > self._final_words:
             events.append(self._results(update.state.words[self._final_words:], True, speech_final=True,
@@ -225,13 +226,11 @@ class DeepgramAdapter:
         return driver.Ending([], failure.code, "NET-0001")
 
     def _results(self, words: tuple[SpokenWord, ...], final: bool, speech_final: bool = False,
-                 received: float = 0.0) -> dict:
+                 received: float = 0.0, from_finalize: bool = False) -> dict:
         start = self._cursor if final else (words[0].start if words else self._cursor)
         end = max([w.end for w in words] or [received if speech_final else start])
-        from_finalize = final and self._finalizing
         if final:
             self._cursor = max(self._cursor, end)
-            self._finalizing = False
         return {
             "type": "Results",
             "channel_index": [0, 1],
@@ -239,7 +238,7 @@ class DeepgramAdapter:
             "start": round(start, 3),
             "is_final": final,
             "speech_final": speech_final and final,
-            "from_finalize": from_finalize,
+            "from_finalize": from_finalize and final,
             "channel": {"alternatives": [{
                 "transcript": self._transcript(words),
                 "confidence": 1.0 if words else 0.0,
