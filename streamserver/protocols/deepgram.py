@@ -1,7 +1,7 @@
 """`/v1/listen`: Deepgram's live streaming API, so Deepgram's SDKs and the apps built on them work unchanged.
 
 Binary frames are audio; text frames are control messages (`KeepAlive`, `Finalize`,
-`CloseStream`). Out come `Results` (final ones as words are committed, interim ones
+`CloseStream`; `Configure` is answered with `ConfigureFailure`). Out come `Results` (final ones as words are committed, interim ones
 with the words still forming when `interim_results=true`), `SpeechStarted`
 (`vad_events=true`), `UtteranceEnd` (`utterance_end_ms`) and, at the end, `Metadata`.
 
@@ -170,6 +170,9 @@ class DeepgramAdapter:
             stream.cut()
         elif kind == "CloseStream":
             self._end(stream)
+        elif kind == "Configure":  # keyterm boosting: Whisper has none to change mid-stream
+            return [{"type": "ConfigureFailure", "request_id": stream.id, "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+                     "description": "This server does not support keyterms; the stream goes on unchanged."}]
         elif kind != "KeepAlive":
             raise _DataError(f"Unknown control message type {kind!r}")
         return None
