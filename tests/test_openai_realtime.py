@@ -1,0 +1,136 @@
+"""OpenAI Realtime transcription sessions at `/v1/realtime` over real sockets, with stand-in models: the
+session object, manual commits, formats, and each refusal and bad event in OpenAI's own shape."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from streamserver.app import create_app
+from streamserver.config import ServerConfig
+from tests.fakes import fake_loader
+from tests.live import serve_app
+
+PATH = "/v1/realtime?intent=transcription"
+
+
+@pytest.fixture
+def base():
+    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu=1, api_token="secret"),
+                     loader=fake_loader)
+    with serve_app(app) as url:
+        yield url
+
+
+def _open(base: str, path: str = PATH, token: str = "secret"):
+    return connect(f"ws://{base}{path}", additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=30)
+
+
+def _recv(ws) -> dict:
+    return json.loads(ws.recv(timeout=30))
+
+
+def _tone(seconds: float, rate: int = 24000, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return amplitude * np.sin(2 * np.pi * 300 * t)
+
+
+def _append(ws, pcm: bytes, chunk: int) -> None:
+    for i in range(0, len(pcm), chunk):
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + chunk]).decode()}))
+        time.sleep(0.02)
+
+
+def _until(ws, kind: str) -> list[dict]:
+    out = []
+    while not out or out[-1]["type"] != kind:
+        out.append(_recv(ws))
+    return out
+
+
+def test_the_session_says_what_it_is_and_takes_updates(base):
+    with _open(base) as ws:
+        created = _recv(ws)
+        assert created["type"] == "session.created" and created["event_id"].startswith("event_")
+        session = created["session"]
+        assert session["type"] == "transcription" and session["id"].startswith("sess_")
+        assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+        assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcmu"}, "transcription": {"language": "en", "prompt": "Names: Ada."},
+            "turn_detection": None}}}}))
+        updated = _recv(ws)
+    assert updated["type"] == "session.updated"
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert updated["session"]["audio"]["input"]["turn_detection"] is None
+    assert updated["session"]["audio"]["input"]["transcription"]["prompt"] == "Names: Ada."
+
+
+def test_without_turn_detection_the_clients_commit_makes_the_item(base):
+    from streamserver.audio import raw
+
+    with _open(base) as ws:
+        _recv(ws)
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcmu"}, "turn_detection": None}}}}))
+        _recv(ws)
+        lin = (_tone(3.0, 8000) * 32767).astype(np.int16)
+        mulaw = np.abs(raw._mulaw_table()[None, :].astype(np.int32) - lin[:, None]).argmin(axis=1).astype(np.uint8)
+        _append(ws, mulaw.tobytes(), 800)
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = _until(ws, "conversation.item.input_audio_transcription.completed")
+    kinds = [e["type"] for e in events]
+    assert "input_audio_buffer.speech_started" not in kinds  # no VAD events without turn detection
+    assert kinds[-2:] == ["input_audio_buffer.committed", "conversation.item.input_audio_transcription.completed"]
+    completed = events[-1]
+    deltas = "".join(e["delta"] for e in events if e["type"].endswith(".delta"))
+    assert completed["transcript"] and deltas == completed["transcript"]
+    assert completed["item_id"] == events[-2]["item_id"] and completed["usage"]["type"] == "duration"
+
+
+def test_bad_events_get_openai_errors_and_the_session_goes_on(base):
+    with _open(base) as ws:
+        _recv(ws)
+        bad = [
+            "not json",
+            json.dumps({"type": "response.create", "event_id": "evt_1"}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": "***"}),
+            json.dumps({"type": "input_audio_buffer.commit"}),
+            json.dumps({"type": "session.update", "session": {"type": "realtime"}}),
+            json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
+                "input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}),
+        ]
+        errors = []
+        for message in bad:
+            ws.send(message)
+            errors.append(_recv(ws))
+        ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        cleared = _recv(ws)
+    assert all(e["type"] == "error" and e["error"]["type"] == "invalid_request_error" for e in errors), errors
+    assert errors[1]["error"]["param"] == "type" and errors[1]["error"]["event_id"] == "evt_1"
+    assert errors[3]["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert cleared["type"] == "input_audio_buffer.cleared"
+
+
+def test_refusals_come_in_openais_shape(base):
+    with pytest.raises(InvalidStatus) as bad_key:
+        _open(base, token="wrong")
+    assert bad_key.value.response.status_code == 401
+    assert json.loads(bad_key.value.response.body)["error"]["code"] == "invalid_api_key"
+    with pytest.raises(InvalidStatus) as no_intent:
+        _open(base, "/v1/realtime?model=gpt-realtime")
+    assert no_intent.value.response.status_code == 400
+    with _open(base) as held:  # the one slot
+        _recv(held)
+        with _open(base) as extra:
+            error = _recv(extra)
+            with pytest.raises(ConnectionClosed) as closed:
+                extra.recv(timeout=10)
+    assert error["type"] == "error" and error["error"]["type"] == "server_error"
+    assert error["error"]["message"] == "No GPU resources available"
+    assert closed.value.rcvd.code == 1013
