@@ -76,6 +76,8 @@ FLAGS: list[tuple[str, object, str]] = [
                                  "the chunks of a server that died go to the others after this"),
     ("resume_seconds", float, "how long a dropped /asr stream is kept (its slot held) for its client to "
                               "resume with its token (0: never)"),
+    ("request_timeout", float, "an HTTP request whose head has not all arrived, or whose body has sent "
+                               "nothing, after this many seconds gets 408 and is closed"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),
     ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
@@ -120,6 +122,7 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
     import uvicorn
 
     from .app import create_app
+    from .edge import protocol_with_timeout
     from .ops.drain import GracefulServer
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,6 +139,7 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
         ssl_certfile=config.ssl_certfile,
         ssl_keyfile=config.ssl_keyfile,
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_SECONDS,
+        http=protocol_with_timeout(config.request_timeout),
     )
     server = GracefulServer(uv_config, app.state.server.drain, config.drain_seconds)
     server.run()

@@ -35,6 +35,7 @@ class ServerConfig:
     jobs_db: str = ""  # "": the user's data folder (`default_jobs_db`)
     job_lease_seconds: float = 30.0  # a server that stops renewing loses its chunks to the others after this
     max_upload_mb: float = 500.0
+    request_timeout: float = 30.0  # a request head or body that stops arriving: 408 after this
     resume_seconds: float = 30.0  # a dropped /asr stream waits this long for its client (0: never)
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call

@@ -1,16 +1,18 @@
 """HTTP for files: OpenAI's `POST /v1/audio/transcriptions` and the `/jobs` API (contract section 5).
 
 Uploads go to disk as they arrive (the multipart parser spools to a temporary
-file, which is moved into the jobs folder); the file is decoded once up front so
+file, which is moved into the jobs folder), and reading stops at `--max-upload-mb`; the file is decoded once up front so
 a bad file is a 400 with the decoder's reason before any job exists.
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,19 +23,44 @@ from .runner import JobRunner
 from .formats import FORMATS, render
 
 
+FORM_SLACK = 64 * 1024  # the multipart framing and the small fields beside the file
+
+
 def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class _TooLarge(Exception):
+    """The body went past `--max-upload-mb` (plus room for the form's other fields)."""
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, stopped at `limit` bytes: a chunked upload (no Content-Length)
+    is refused when it passes the limit, not after it has been written out in full."""
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _TooLarge()
+        yield chunk
 
 
 async def _receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
     """Save the form's `file` into the jobs folder; the other fields as a dict. Or the error answer."""
     config = request.app.state.server.config
     limit = int(config.max_upload_mb * 2**20)
+    too_large = _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 64 * 1024:
-        return _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
+    if length and length.isdigit() and int(length) > limit + FORM_SLACK:
+        return too_large
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return _error("The upload must be multipart/form-data with a 'file' field", 400)
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit + FORM_SLACK), max_files=1,
+                             max_fields=32)
     try:
-        form = await request.form(max_files=1, max_fields=32)
+        form = await parser.parse()
+    except _TooLarge:
+        return too_large
     except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
         return _error(f"Could not read the upload: {exc}", 400)
     upload = form.get("file")
