@@ -5,7 +5,8 @@ never sends one, and for a body shorter than its `Content-Length`: each holds a 
 and, for a body, the endpoint awaiting it. Here the head must arrive whole within
 `--request-timeout` seconds of the connection (or of the previous response), and a body
 may not stall (no bytes) for longer than that. Either is answered with 408 if no response
-has begun, and the connection is closed. Idle keep-alive connections and upgraded
+has begun, and the connection is closed. A head larger than 64 KB (httptools sets no bound of
+its own) is answered with 431. Idle keep-alive connections and upgraded
 WebSockets (a live stream may be quiet for minutes) are not touched by this.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("streamserver.edge")
 
 TIMEOUT_BODY = b"Request Timeout: the request did not arrive in time"
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; httptools itself sets no bound
+HEAD_BODY = b"Request Header Fields Too Large"
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -27,6 +30,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._waiting_body = False
+        self._head_bytes = 0
 
     def _arm(self) -> None:
         self._disarm()
@@ -47,8 +51,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.transport.is_closing():
+            return
         if self._waiting_body and self._deadline is not None:
             self._arm()  # a body that keeps coming is not stalled
+        elif not self._waiting_body and self.parser is not None:
+            self._head_bytes += len(data)  # all of it is head: the head is still incomplete
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, HEAD_BODY)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -58,6 +68,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._waiting_body = True
+        self._head_bytes = 0
         self._arm()
 
     def on_message_complete(self) -> None:
@@ -78,9 +89,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                  "body stalled" if self._waiting_body else "head incomplete")
         # The head never completed, or the body stalled before the endpoint answered: say 408.
         if not self._waiting_body or not self.cycle.response_started:
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                                 % (len(TIMEOUT_BODY), TIMEOUT_BODY))
+            self._refuse(408, TIMEOUT_BODY)
+        self.transport.close()
+
+    def _refuse(self, status: int, text: bytes) -> None:
+        """Answer `status` and close: for a request the endpoint never saw (or never answered)."""
+        self._disarm()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, reason, len(text), text))
         self.transport.close()
 
 

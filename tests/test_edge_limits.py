@@ -57,6 +57,11 @@ def test_a_websocket_upgrade_with_an_8_kb_url_gets_414(server):
     assert _status(data) == 414
 
 
+def test_a_header_block_over_64_kb_gets_431(server):
+    data, _ = _exchange(server, f"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 70000}\r\n\r\n".encode())
+    assert _status(data) == 431
+
+
 def test_a_request_head_that_stops_half_way_gets_408_and_is_closed(server):
     data, took = _exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n")
     assert _status(data) == 408 and took < 14  # the timeout (1.5 s), not the client's patience
