@@ -135,3 +135,21 @@ def test_a_full_server_refuses_as_told_and_a_freed_slot_admits_again(mode):
 def test_an_unknown_refusal_mode_is_refused_at_startup():
     with pytest.raises(ValueError, match="--refuse-when-full must be one of close, http"):
         create_app(ServerConfig(simulate_gpus="1x16", refuse_when_full="drop"), loader=fake_loader)
+
+
+def test_with_refusals_as_http_a_draining_server_answers_the_upgrade_with_503():
+    """What a proxy needs during a rollout: a server that has begun to drain says so before the upgrade,
+    and the proxy sends the stream to another server instead of the client getting a 1001."""
+    import json
+
+    from websockets.exceptions import InvalidStatus
+
+    app = create_app(ServerConfig(simulate_gpus="1x16", refuse_when_full="http"), loader=fake_loader)
+    with serve_app(app) as base:
+        app.state.server.drain.draining = True
+        with pytest.raises(InvalidStatus) as refused:
+            open_asr(base)
+        app.state.server.drain.draining = False
+    response = refused.value.response
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+    assert json.loads(response.body) == {"error": "Server is draining"}
