@@ -122,7 +122,7 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
     import uvicorn
 
     from .app import create_app
-    from .edge import protocol_with_timeout
+    from .edge import protocol_with_timeout, websocket_protocol
     from .ops.drain import GracefulServer
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,6 +140,7 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
         ssl_keyfile=config.ssl_keyfile,
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_SECONDS,
         http=protocol_with_timeout(config.request_timeout),
+        ws=websocket_protocol(),
     )
     server = GracefulServer(uv_config, app.state.server.drain, config.drain_seconds)
     server.run()

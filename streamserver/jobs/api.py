@@ -1,18 +1,14 @@
 """HTTP for files: OpenAI's `POST /v1/audio/transcriptions` and the `/jobs` API (contract section 5).
 
-Uploads go to disk as they arrive (the multipart parser spools to a temporary
-file, which is moved into the jobs folder), and reading stops at `--max-upload-mb`; the file is decoded once up front so
-a bad file is a 400 with the decoder's reason before any job exists.
+Uploads go into the jobs folder as they arrive, and reading stops at `--max-upload-mb`
+(upload.py); the file is decoded once up front so a bad file is a 400 with the decoder's
+reason before any job exists.
 """
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,76 +17,11 @@ from ..ops.auth import require_token
 from .file_audio import SAMPLE_RATE, FileDecodeError, decode_file, with_speakers
 from .runner import JobRunner
 from .formats import FORMATS, render
-
-
-FORM_SLACK = 64 * 1024  # the multipart framing and the small fields beside the file
+from .upload import receive_upload
 
 
 def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-class _TooLarge(Exception):
-    """The body went past `--max-upload-mb` (plus room for the form's other fields)."""
-
-
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, stopped at `limit` bytes: a chunked upload (no Content-Length)
-    is refused when it passes the limit, not after it has been written out in full."""
-    total = 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise _TooLarge()
-        yield chunk
-
-
-async def _receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
-    """Save the form's `file` into the jobs folder; the other fields as a dict. Or the error answer."""
-    config = request.app.state.server.config
-    limit = int(config.max_upload_mb * 2**20)
-    too_large = _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + FORM_SLACK:
-        return too_large
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return _error("The upload must be multipart/form-data with a 'file' field", 400)
-    parser = MultiPartParser(request.headers, _limited(request.stream(), limit + FORM_SLACK), max_files=1,
-                             max_fields=32)
-    try:
-        form = await parser.parse()
-    except _TooLarge:
-        return too_large
-    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
-        return _error(f"Could not read the upload: {exc}", 400)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        await form.close()
-        return _error("Missing 'file' in the multipart form", 400)
-    runner: JobRunner = request.app.state.server.jobs
-    target = runner.uploads / (uuid.uuid4().hex + Path(upload.filename or "").suffix[:10])
-    try:
-        size = await asyncio.to_thread(_copy, upload, target, limit)
-    finally:
-        await form.close()
-    if size > limit:
-        target.unlink(missing_ok=True)
-        return _error(f"File too large: over --max-upload-mb ({config.max_upload_mb:g} MB)", 413)
-    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-    fields["timestamp_granularities"] = [v for k, v in form.multi_items() if k.startswith("timestamp_granularities")]
-    return target, fields
-
-
-def _copy(upload: UploadFile, target: Path, limit: int) -> int:
-    size = 0
-    upload.file.seek(0)
-    with open(target, "wb") as out:
-        while block := upload.file.read(1 << 20):
-            size += len(block)
-            if size > limit:
-                break
-            out.write(block)
-    return size
 
 
 async def _check_audio(path: Path) -> float | JSONResponse:
@@ -105,7 +36,7 @@ async def _check_audio(path: Path) -> float | JSONResponse:
 
 async def _accept_file(request: Request) -> tuple[Path, dict, float] | JSONResponse:
     """The upload saved and decoded once: (path, form fields, seconds of audio), or the error answer."""
-    received = await _receive_upload(request)
+    received = await receive_upload(request)
     if isinstance(received, JSONResponse):
         return received
     path, fields = received
