@@ -323,7 +323,11 @@ def test_a_handshake_that_websockets_rejects_is_written_and_closed():
         protocol.handle_events()
         return transport
 
+    import websockets
+
     long_url = asyncio.run(handshake(f"GET /asr?x={'a' * 9000} HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n".encode()))
-    assert long_url.out.startswith(b"HTTP/1.1 414") and long_url.eof
+    # websockets >= 17 queues its own 414; older ones queue nothing and the edge answers 400 itself.
+    expected = b"HTTP/1.1 414" if int(websockets.__version__.split(".")[0]) >= 17 else b"HTTP/1.1 400"
+    assert long_url.out.startswith(expected) and long_url.eof
     garbage = asyncio.run(handshake(f"GET /asr HTTP/1.1\r\nHost: x\r\n{UPGRADE}Bad Header\r\n\r\n".encode()))
     assert garbage.out.startswith(b"HTTP/1.1 4") and garbage.eof
