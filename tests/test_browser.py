@@ -5,7 +5,8 @@ to the real app with the real tiny.en weights, once as MediaRecorder webm/opus a
 once as AudioWorklet PCM (`--pcm-input`), until the expected words are on screen;
 then Stop, and the page must wait for `ready_to_stop` and the close. Other tests use
 stand-in models: a full server, a server that wants a token, and the text shown for
-every close the contract names. Screenshots land in `test-artifacts/`.
+every close the contract names, and a network drop the page resumes from (through
+`tests/tcp_proxy.py`). Screenshots land in `test-artifacts/`.
 
 Skipped without /usr/bin/chromium or the `playwright` package (CI installs both;
 no browser is ever downloaded).
@@ -332,3 +333,62 @@ def test_speakers_silences_and_pending_words_are_drawn_apart(tab):
         assert page.query_selector_all(".buffer") == []
         assert page.text_content("#captions .line:last-child .text") == "Great. Let's go through them one by one."
         assert page.text_content("#lag") == ""
+
+
+def test_the_page_resumes_its_stream_after_the_network_drops(tab):
+    """The network goes mid-stream (every TCP connection reset) and stays down for a few seconds:
+    the page keeps recording, says it is reconnecting, comes back to the same session (its slot
+    held meanwhile), keeps the captions it had, and finishes normally."""
+    from tests.tcp_proxy import TcpProxy
+
+    app = create_app(ServerConfig(simulate_gpus="1x16", resume_seconds=30), loader=fake_loader)
+    with serve_app(app) as base:
+        proxy = TcpProxy(base)
+
+        def gpu() -> dict:
+            return httpx.get(f"http://{base}/gpu-status").json()["gpus"][0]
+
+        try:
+            page = tab.page
+            page.goto(f"http://{proxy.address}/")
+            page.click("#start")
+            tab.wait_state("streaming", 20)
+            page.wait_for_function("document.querySelectorAll('#captions .line .text').length > 0 && "
+                                   "document.querySelector('#captions .line .text').textContent.trim() !== ''",
+                                   timeout=30_000)
+            session = page.get_attribute("#device", "title")
+            assert session.startswith("connection ")
+            first_line = page.text_content("#captions .line .text").strip()
+
+            proxy.down = True
+            proxy.cut()
+            tab.wait_state("connecting", 10)
+            assert page.text_content("#notice") == "Connection lost. Reconnecting…"
+            page.wait_for_timeout(3000)  # down for 3 s: the page retries and is reset each time
+            held = gpu()
+            assert held["held_for_resume"] == 1 and held["active_connections"] == 1  # the slot waits for it
+            assert first_line in caption_text(tab)  # what it had is still on screen
+
+            proxy.down = False
+            tab.wait_state("streaming", 20)
+            assert page.text_content("#status") == "Reconnected. Listening."
+            assert page.is_hidden("#notice")
+            assert page.get_attribute("#device", "title") == session  # the same session, not a new one
+            assert gpu()["held_for_resume"] == 0
+            resumed = [url for url in tab.sockets if "resume=" in url]
+            assert tab.sockets[0] == f"ws://{proxy.address}/asr" and resumed
+            assert len(resumed) >= 3  # at least two refused while down, then the one that got through
+
+            shown = len(caption_text(tab))
+            page.wait_for_function(f"document.querySelector('#captions').textContent.length > {shown}",
+                                   timeout=30_000)  # captions go on after the resume
+            page.click("#start")  # Stop
+            tab.wait_state("finished", 30)
+            assert page.text_content("#status").startswith("Finished.")
+            final = page.text_content("#captions .line .text").strip()
+            assert final.startswith(first_line)
+            assert json.loads(tab.received[-1]) == {"type": "ready_to_stop"}
+            status = gpu()
+            assert status["active_connections"] == 0 and status["held_for_resume"] == 0
+        finally:
+            proxy.close()
