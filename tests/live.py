@@ -72,6 +72,11 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def gpu_status(base: str, gpu: int = 0) -> dict:
+    """One device's entry of `/gpu-status`."""
+    return httpx.get(f"http://{base}/gpu-status").json()["gpus"][gpu]
+
+
 def start_server_process(argv: list[str], **popen) -> tuple[subprocess.Popen, str]:
     """Start `python <argv> --port P` and wait until its /health answers; returns (process, base URL)."""
     port = free_port()

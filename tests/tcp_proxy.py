@@ -25,7 +25,6 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.down = False
-        self.connections = 0  # accepted and forwarded, over the proxy's life
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -42,7 +41,6 @@ class TcpProxy:
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._open += [client, upstream]
-                self.connections += 1
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 

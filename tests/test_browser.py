@@ -24,7 +24,7 @@ import pytest
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
 from tests.fakes import fake_loader
-from tests.live import open_asr, recv_json, serve_app
+from tests.live import gpu_status, open_asr, recv_json, serve_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -344,10 +344,6 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
     app = create_app(ServerConfig(simulate_gpus="1x16", resume_seconds=30), loader=fake_loader)
     with serve_app(app) as base:
         proxy = TcpProxy(base)
-
-        def gpu() -> dict:
-            return httpx.get(f"http://{base}/gpu-status").json()["gpus"][0]
-
         try:
             page = tab.page
             page.goto(f"http://{proxy.address}/")
@@ -365,7 +361,7 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
             tab.wait_state("connecting", 10)
             assert page.text_content("#notice") == "Connection lost. Reconnecting…"
             page.wait_for_timeout(3000)  # down for 3 s: the page retries and is reset each time
-            held = gpu()
+            held = gpu_status(base)
             assert held["held_for_resume"] == 1 and held["active_connections"] == 1  # the slot waits for it
             assert first_line in caption_text(tab)  # what it had is still on screen
 
@@ -374,7 +370,7 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
             assert page.text_content("#status") == "Reconnected. Listening."
             assert page.is_hidden("#notice")
             assert page.get_attribute("#device", "title") == session  # the same session, not a new one
-            assert gpu()["held_for_resume"] == 0
+            assert gpu_status(base)["held_for_resume"] == 0
             resumed = [url for url in tab.sockets if "resume=" in url]
             assert tab.sockets[0] == f"ws://{proxy.address}/asr" and resumed
             assert len(resumed) >= 3  # at least two refused while down, then the one that got through
@@ -388,7 +384,7 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
             final = page.text_content("#captions .line .text").strip()
             assert final.startswith(first_line)
             assert json.loads(tab.received[-1]) == {"type": "ready_to_stop"}
-            status = gpu()
+            status = gpu_status(base)
             assert status["active_connections"] == 0 and status["held_for_resume"] == 0
         finally:
             proxy.close()

@@ -6,7 +6,6 @@ import json
 import socket
 import time
 
-import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -14,7 +13,7 @@ from websockets.sync.client import connect
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
 from tests.fakes import fake_loader, tone
-from tests.live import recv_json, serve_app
+from tests.live import gpu_status, recv_json, serve_app, wait_for
 
 FRAME = 3200  # 0.1 s of 16 kHz s16le
 
@@ -35,17 +34,6 @@ def _drop(ws) -> None:
     """The network goes: no close frame, the TCP connection just ends."""
     ws.socket.shutdown(socket.SHUT_RDWR)
     ws.socket.close()
-
-
-def _gpu(base: str) -> dict:
-    return httpx.get(f"http://{base}/gpu-status").json()["gpus"][0]
-
-
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def _send(ws, pcm: bytes, pace: float = 5.0) -> None:
@@ -106,8 +94,8 @@ def test_a_dropped_client_resumes_its_stream_and_the_transcript_is_the_uninterru
     _send(ws, pcm[:cut])
     before = _until_heard(ws, 5.0)
     _drop(ws)
-    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
-    assert _gpu(base)["active_connections"] == 1  # the slot is held for the client
+    wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
+    assert gpu_status(base)["active_connections"] == 1  # the slot is held for the client
 
     with _open(base, f"?resume={token}") as again:
         resumed = recv_json(again)
@@ -121,7 +109,7 @@ def test_a_dropped_client_resumes_its_stream_and_the_transcript_is_the_uninterru
         _send(again, pcm[resumed["received_bytes"]:])
         final = _finish(again)
     assert _words(final) == _words(whole)
-    _wait(lambda: _gpu(base)["active_connections"] == 0 and _gpu(base)["held_for_resume"] == 0)
+    wait_for(lambda: gpu_status(base)["active_connections"] == 0 and gpu_status(base)["held_for_resume"] == 0)
 
 
 def test_a_second_drop_resumes_too_and_a_used_token_opens_nothing(base):
@@ -131,13 +119,13 @@ def test_a_second_drop_resumes_too_and_a_used_token_opens_nothing(base):
     _send(ws, pcm[:4 * 32000])
     _settle(ws)
     _drop(ws)
-    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+    wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
     ws = _open(base, f"?resume={first}")
     second = recv_json(ws)
     _send(ws, pcm[second["received_bytes"]:9 * 32000])
     _settle(ws)
     _drop(ws)
-    _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+    wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
     with _open(base, f"?resume={first}") as stale:  # the first token was spent
         with pytest.raises(ConnectionClosed) as closed:
             stale.recv(timeout=10)
@@ -156,7 +144,7 @@ def test_an_unknown_token_is_refused_and_takes_no_slot(base):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Unknown or expired session")
-    assert _gpu(base)["active_connections"] == 0
+    assert gpu_status(base)["active_connections"] == 0
 
 
 def test_a_client_that_does_not_come_back_in_time_loses_its_slot_and_its_token():
@@ -166,8 +154,8 @@ def test_a_client_that_does_not_come_back_in_time_loses_its_slot_and_its_token()
         token = recv_json(ws)["resume_token"]
         _send(ws, tone(2.0))
         _drop(ws)
-        _wait(lambda: _gpu(base)["held_for_resume"] == 1)
-        _wait(lambda: _gpu(base)["active_connections"] == 0 and _gpu(base)["held_for_resume"] == 0, timeout=5)
+        wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
+        wait_for(lambda: gpu_status(base)["active_connections"] == 0 and gpu_status(base)["held_for_resume"] == 0, timeout=5)
         with _open(base, f"?resume={token}") as late:
             with pytest.raises(ConnectionClosed) as closed:
                 late.recv(timeout=10)
@@ -179,8 +167,8 @@ def test_a_client_that_closes_the_socket_itself_is_not_waited_for(base):
     recv_json(ws)
     _send(ws, tone(2.0))
     ws.close()  # a close frame: the client meant to go
-    _wait(lambda: _gpu(base)["active_connections"] == 0)
-    assert _gpu(base)["held_for_resume"] == 0
+    wait_for(lambda: gpu_status(base)["active_connections"] == 0)
+    assert gpu_status(base)["held_for_resume"] == 0
 
 
 def test_without_resume_seconds_there_is_no_token():
@@ -213,7 +201,7 @@ def test_a_real_two_person_recording_resumed_mid_way_keeps_its_words_and_speaker
         _send(ws, pcm[:9 * 32000], pace=2.0)
         _settle(ws)
         _drop(ws)
-        _wait(lambda: _gpu(base)["held_for_resume"] == 1)
+        wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
         with _open(base, f"?resume={token}") as again:
             resumed = recv_json(again)
             _send(again, pcm[resumed["received_bytes"]:], pace=2.0)
