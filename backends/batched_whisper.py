@@ -254,7 +254,10 @@ class BatchedWhisper:
         return int(min(30.0, bucket) * FRAMES_PER_SECOND)
 
     def _mel(self, audios: list[np.ndarray], frames: int) -> torch.Tensor:
-        """Log-mel like `whisper.log_mel_spectrogram` (per-row max), zero-padded to `frames`."""
+        """Log-mel like `whisper.log_mel_spectrogram` (per-row max) of each audio, then zeros up to
+        `frames`: openai-whisper's `transcribe` pads a short window in the log-mel domain (zeros), not
+        with the log-mel of silent audio, and the model hears where speech ends from that. Padding with
+        silence changed the decode of real speech: last words went missing after a pause."""
         n = frames * HOP_LENGTH
         batch = torch.zeros(len(audios), n, device=self.device)
         for i, a in enumerate(audios):
@@ -264,7 +267,10 @@ class BatchedWhisper:
         power = stft[..., :-1].abs() ** 2
         log = torch.clamp(self._filters @ power, min=1e-10).log10()
         log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
-        return ((log + 4.0) / 4.0)[..., :frames]
+        mel = ((log + 4.0) / 4.0)[..., :frames]
+        for i, a in enumerate(audios):
+            mel[i, :, len(a) // HOP_LENGTH:] = 0.0
+        return mel
 
     def _encoder(self, mel: torch.Tensor) -> torch.Tensor:
         enc = self.model.encoder

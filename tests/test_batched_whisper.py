@@ -57,6 +57,21 @@ def test_full_30s_windows_decode_the_same_words(tiny_en_checkpoint, speech_audio
     assert wer(speech_text, _text(full.transcribe(speech_audio))) <= 0.1
 
 
+def test_the_encoder_hears_a_short_window_as_openai_whisper_transcribe_feeds_it(engine, speech_audio):
+    """After the audio, `transcribe` pads the log-mel with zeros, not with the log-mel of silent audio;
+    the model decides where speech ends from that padding (padding with silence dropped last words)."""
+    import whisper
+    from whisper.audio import N_FRAMES, N_SAMPLES
+
+    audio = speech_audio[: int(7.3 * 16000)]
+    mel = whisper.log_mel_spectrogram(audio, 80, padding=N_SAMPLES)
+    expected = whisper.pad_or_trim(mel[:, : mel.shape[-1] - N_FRAMES], N_FRAMES)
+    ours = engine._mel([audio], N_FRAMES)[0].cpu()
+    assert ours.shape == expected.shape
+    assert torch.allclose(ours, expected, atol=1e-3)
+    assert (ours[:, len(audio) // 160:] == 0).all()
+
+
 def test_fp16_weights_run_with_float32_layer_norms():
     torch.manual_seed(0)
     engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en", fp16=True)
