@@ -5,6 +5,7 @@
     python bench/diarization.py --modes backend --all-encoders   # also the fallback speaker encoder
     python bench/diarization.py --clips conversational_childes_father_child --modes live,offline
     python bench/diarization.py --modes backend --sortformer-model FILE.nemo
+    python bench/diarization.py --modes floor --floor-threshold 0.3 --floor-gap 1.0   # what the VAD allows
 
 The reference turns are the RTTM beside each WAV (see `../shared/speech/README.md`). Three measures:
 - backend: the live diarizer alone, fed Silero VAD and the audio in 0.5-s pieces as a session feeds
@@ -13,6 +14,10 @@ The reference turns are the RTTM beside each WAV (see `../shared/speech/README.m
   real-time pace; the turns are the final update's lines (`start_s`, `end_s`, `speaker`), so speech
   that Whisper did not transcribe counts as missed.
 - offline: a `/jobs` job with `diarization=true` on the same server; the turns are its result's segments.
+- floor: no diarizer at all: the reference's own speaker labels on the VAD's speech regions (Silero at
+  `--floor-threshold`, regions closed by `--floor-gap` seconds below it; the defaults are the embedding
+  diarizer's). Its DER is what no clustering can beat with that segmentation (missed speech, and one
+  label per moment where people overlap).
 
 DER with a 0.25-s collar and its missed / false-alarm / confusion split (overlapped speech counts
 each speaker, so one label per moment misses the others), the speakers found against the
@@ -80,13 +85,46 @@ def offline_turns(base: str, clip: Clip) -> Turns:
     return [(s["start"], s["end"], s["speaker"]) for s in result["segments"] if s.get("speaker") is not None]
 
 
+def floor_turns(clip: Clip, threshold: float, gap_seconds: float, piece: float = 0.1) -> Turns:
+    """The reference speaker most present in each `piece` of every VAD speech region: perfect labels,
+    the VAD's segmentation."""
+    from backends.vad import WINDOW, SileroVAD
+
+    vad = SileroVAD()
+    probs = vad.probabilities(vad.new_state(), clip.audio())
+    gap = max(1, round(gap_seconds * 16000 / WINDOW))
+    regions, start, silent, last = [], None, 0, 0
+    for i, p in enumerate(probs):
+        if p >= threshold:
+            start, silent, last = (i if start is None else start), 0, i + 1
+        elif start is not None:
+            silent += 1
+            if silent >= gap:
+                regions.append((start, last))
+                start = None
+    if start is not None:
+        regions.append((start, last))
+    reference, names, turns = clip.turns(), {}, []
+    for a, b in regions:
+        t, end = a * WINDOW / 16000, b * WINDOW / 16000
+        while t < end:
+            e = min(end, t + piece)
+            here = [spk for s0, s1, spk in reference if s0 <= (t + e) / 2 < s1]
+            if here:
+                turns.append((t, e, names.setdefault(here[0], len(names))))
+            else:
+                turns.append((t, e, -1))  # speech the reference does not have: a false alarm all the same
+            t = e
+    return turns
+
+
 class Table:
     def __init__(self, name: str) -> None:
         self.name, self.rows, self.errors, self.scored = name, [], 0.0, 0.0
 
     def add(self, clip: Clip, turns: Turns, cost: float | None = None) -> None:
         scores = der(clip.turns(), turns, collar=0.25)
-        found = len({t[2] for t in turns})
+        found = len({t[2] for t in turns} - {-1})
         self.errors += scores["der"] * scores["scored"]
         self.scored += scores["scored"]
         extra = f"  {1000 * cost / clip.seconds:6.1f} ms/s" if cost is not None else ""
@@ -110,6 +148,8 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="extra flags for the server started here")
     ap.add_argument("--sortformer-model", default=None, help="also measure Sortformer (backend mode)")
     ap.add_argument("--all-encoders", action="store_true", help="also measure the fallback speaker encoder (backend mode)")
+    ap.add_argument("--floor-threshold", type=float, default=0.5, help="floor mode: Silero speech probability")
+    ap.add_argument("--floor-gap", type=float, default=0.32, help="floor mode: seconds below it that close a region")
     args = ap.parse_args()
     clips = load_diarized(Path(args.set), [c for c in args.clips.split(",") if c] or None)
     modes = args.modes.split(",")
@@ -136,6 +176,13 @@ def main() -> None:
                 turns, spent = run_backend(diarizer, clip.audio())
                 table.add(clip, turns, spent)
             table.print()
+
+    if "floor" in modes:
+        table = Table(f"floor: reference labels on Silero regions (threshold {args.floor_threshold}, "
+                      f"gap {args.floor_gap} s)")
+        for clip in clips:
+            table.add(clip, floor_turns(clip, args.floor_threshold, args.floor_gap))
+        table.print()
 
     if "live" in modes or "offline" in modes:
         workdir = tempfile.mkdtemp()
