@@ -88,7 +88,9 @@ class TranscribeJob:
     decoding at the first token whose attention reaches that close to the end of the audio (0: past
     its end, into the window's padding, where there is nothing to hear).
     `prefix_end` (seconds into the audio) is where the prefix's words were heard: a new token
-    attending far before it is not hearing new speech (the engine's `REWIND_SECONDS`)."""
+    attending far before it is not hearing new speech (the engine's `REWIND_SECONDS`).
+    `final`: the last decode of an utterance, committed as it comes back with no later decode to
+    check it; the engine searches it harder (beam search, `backends/final_search.py`)."""
 
     audio: np.ndarray
     prompt: str = ""
@@ -96,6 +98,7 @@ class TranscribeJob:
     prefix: str = ""
     stop_before_end: float | None = None
     prefix_end: float = 0.0
+    final: bool = False
 
 
 # A streaming step that may ask the ASR for transcriptions: it yields jobs, is sent

@@ -32,6 +32,7 @@ from whisper.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters
 from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import DecoderStep, StepBuffers, merge_heads, pick, split_heads, timestamp_rules
 
@@ -115,6 +116,8 @@ class BatchedWhisper:
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
         encoder_bf16: bool | None = None,
+        beam_size: int = 5,
+        searches_per_round: int = 2,
     ) -> None:
         self.fp16 = model.device.type == "cuda" if fp16 is None else fp16
         self.model = _half(model) if self.fp16 else model
@@ -126,6 +129,10 @@ class BatchedWhisper:
         # the audio's length; a per-second budget cuts fast speech mid-word. Set for benchmarks only.
         self.max_tokens_per_second = max_tokens_per_second
         self.temperatures: tuple[float, ...] = TEMPERATURES
+        # A job's last decode (`TranscribeJob.final`) searches this many hypotheses (`final_search`);
+        # 1: greedy like every other decode.
+        self.beam_size = beam_size
+        self.searches_per_round = searches_per_round
         dims = model.dims
         self.dims = dims
         self.dtype = torch.float16 if self.fp16 else torch.float32
@@ -172,10 +179,18 @@ class BatchedWhisper:
             return out
         encoded, windows, frames = self.encode([jobs[i].audio for i in live])
         final: dict[int, tuple[_Row, np.ndarray | None]] = {}
-        todo = list(range(len(live)))
+        # An utterance's last decode, which nothing will check after it, is a beam search (at most
+        # `searches_per_round` of them: each is a decode of its own, and the round waits for it);
+        # one that fails the quality checks joins the greedy rows below and their fallback.
+        searched = [k for k, i in enumerate(live) if final_search.searchable(self, jobs[i], windows[k])]
+        for k in searched[: self.searches_per_round]:
+            found = final_search.search(self, jobs[live[k]], encoded[k:k + 1], windows[k], frames[k])
+            if found is not None and (found[0].silent or not found[0].degenerate):
+                final[k] = found
+        todo = [k for k in range(len(live)) if k not in final]
         # openai-whisper's fallback: rows whose decode is degenerate are decoded again, sampling at
         # the next temperature; a row that is silence, or good, keeps its decode.
-        for temperature in self.temperatures:
+        for temperature in self.temperatures if todo else ():
             sub = encoded if len(todo) == len(live) else encoded[todo]
             rows = self._rows([jobs[live[k]] for k in todo], sub, [windows[k] for k in todo],
                               [frames[k] for k in todo], temperature)

@@ -31,6 +31,7 @@ def test_batched_and_one_at_a_time_decoding_give_the_same_transcript(engine, spe
         TranscribeJob(speech_audio[int(2.0 * sr):], prompt="Hello everyone, and welcome"),
         TranscribeJob(np.zeros(sr // 2, np.float32)),
         TranscribeJob(np.zeros(0, np.float32)),
+        TranscribeJob(speech_audio[: int(3.5 * sr)], final=True),  # an utterance's last decode: a beam search
     ]
     together = engine.transcribe_batch(jobs)
     alone = [engine.transcribe_batch([job])[0] for job in jobs]
@@ -70,6 +71,31 @@ def test_the_encoder_hears_a_short_window_as_openai_whisper_transcribe_feeds_it(
     assert ours.shape == expected.shape
     assert torch.allclose(ours, expected, atol=1e-3)
     assert (ours[:, len(audio) // 160:] == 0).all()
+
+
+def test_an_utterances_last_decode_is_openai_whispers_beam_search_with_timed_words(engine, speech_audio, monkeypatch):
+    """`final` jobs (committed with no second hypothesis) are searched with beam_size 5 on the batch's
+    encoder output; the words and their times come back as from the greedy loop."""
+    import whisper
+
+    audio = speech_audio[: int(6.2 * 16000)]
+    encoded, _, _ = engine.encode([audio])
+    beam = whisper.decode(engine.model, encoded[0], whisper.DecodingOptions(language="en", beam_size=5, patience=2.0,
+                                                                         fp16=False))
+    decode, searches = whisper.decode, []
+    monkeypatch.setattr(whisper, "decode", lambda *a, **k: searches.append(a[2].beam_size) or decode(*a, **k))
+    final = engine.transcribe_batch([TranscribeJob(audio, final=True)])[0]
+    assert searches == [5]
+    assert _text(final) == beam.text.strip()
+    words = [w for s in final for w in s.words]
+    assert words and all(0.0 <= w.start <= w.end <= 6.2 + 0.5 for w in words)
+    assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+    # windows shorter than 30 s (`bucket_seconds`) keep greedy decoding: openai-whisper's decoder
+    # takes encoder output of full windows only
+    short = BatchedWhisper(engine.model, "en", bucket_seconds=10)
+    assert _text(short.transcribe_batch([TranscribeJob(audio, final=True)])[0]) == \
+        _text(short.transcribe_batch([TranscribeJob(audio)])[0])
+    assert searches == [5]
 
 
 def test_fp16_weights_run_with_float32_layer_norms():

@@ -124,3 +124,28 @@ def test_a_long_buffer_timed_as_one_segment_is_cut_at_a_committed_sentence_end()
         policy.process()
         longest = max(longest, policy.buffer_seconds)
     assert longest < 10.0  # cut at sentence ends, never left to grow to 25 s
+
+
+def test_only_the_last_decode_of_an_utterance_is_marked_final_and_it_decodes_what_is_pending():
+    """The end of an utterance decodes again even when no audio arrived since the last decode: its
+    words were never checked by a second hypothesis, and the final decode is searched harder."""
+    from backends.asr_types import drive
+
+    vocab = [f"w{i}" for i in range(100)]
+    asr = ScriptedASR(vocab)
+    policy = LocalAgreementPolicy(trim_seconds=15.0)
+    asr.offset_of = lambda: policy.offset
+    jobs = []
+
+    def answer(job):
+        jobs.append(job)
+        return asr(job.audio, job.prompt)
+
+    committed = []
+    for _ in range(3):
+        policy.insert_audio(np.zeros(16000, dtype=np.float32))
+        committed += drive(policy.process_steps(), answer).committed
+    assert policy.hypothesis.pending  # the newest words wait for a second hypothesis
+    committed += drive(policy.finish_steps(), answer)
+    assert [job.final for job in jobs] == [False, False, False, True]
+    assert [w.text.strip() for w in committed] == vocab[:6]

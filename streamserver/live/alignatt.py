@@ -59,7 +59,8 @@ class AlignAttPolicy(UtteranceBuffer):
         self.processed_samples = len(self.audio)
         job = TranscribeJob(self.audio, self._prompt(), self.language, prefix=join_words(self.committed),
                             stop_before_end=END_GUARD if final else self.frame_threshold,
-                            prefix_end=self.committed[-1].end - self.offset if self.committed else 0.0)
+                            prefix_end=self.committed[-1].end - self.offset if self.committed else 0.0,
+                            final=final)
         answer = yield job
         words = [w.shifted(self.offset) for s in answer for w in s.words]
         words = [w for w in words if w.text.strip()]

@@ -181,10 +181,11 @@ class LocalAgreementPolicy(UtteranceBuffer):
     def finish(self) -> list[Word]:
         return drive(self.finish_steps(), self._answer)
 
-    def process_steps(self) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
-        """Transcribe the buffer once; commit what the last two hypotheses agree on."""
+    def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
+        """Transcribe the buffer once; commit what the last two hypotheses agree on. `final`: the
+        utterance's last decode (everything it says is committed)."""
         self.processed_samples = len(self.audio)
-        answer = yield TranscribeJob(self.audio, self._prompt(), self.language)
+        answer = yield TranscribeJob(self.audio, self._prompt(), self.language, final=final)
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
         committed = self.hypothesis.insert(words)
@@ -198,10 +199,11 @@ class LocalAgreementPolicy(UtteranceBuffer):
         return PolicyOutput(committed, list(self.hypothesis.pending))
 
     def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
-        """End of the utterance: transcribe what is left unprocessed, then commit everything."""
+        """End of the utterance: decode it once more (with what arrived since, and searched harder:
+        this decode is committed without a second hypothesis), then commit everything."""
         committed: list[Word] = []
-        if len(self.audio) > self.processed_samples:
-            committed = (yield from self.process_steps()).committed
+        if len(self.audio) > self.processed_samples or self.hypothesis.pending:
+            committed = (yield from self.process_steps(final=True)).committed
         committed += self._flush()
         self.start(self.end_time)
         return committed
