@@ -116,7 +116,7 @@ class BatchedWhisper:
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
         encoder_bf16: bool | None = None,
-        beam_size: int = 5,
+        beam_size: int = 1,
         searches_per_round: int = 2,
     ) -> None:
         self.fp16 = model.device.type == "cuda" if fp16 is None else fp16

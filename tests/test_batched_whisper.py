@@ -23,7 +23,8 @@ def _text(segments) -> str:
     return "".join(w.text for s in segments for w in s.words).strip()
 
 
-def test_batched_and_one_at_a_time_decoding_give_the_same_transcript(engine, speech_audio):
+def test_batched_and_one_at_a_time_decoding_give_the_same_transcript(engine, speech_audio, monkeypatch):
+    monkeypatch.setattr(engine, "beam_size", 5)  # `--final-beam-size 5`: final jobs are beam searches
     sr = 16000
     jobs = [
         TranscribeJob(speech_audio),
@@ -74,10 +75,12 @@ def test_the_encoder_hears_a_short_window_as_openai_whisper_transcribe_feeds_it(
 
 
 def test_an_utterances_last_decode_is_openai_whispers_beam_search_with_timed_words(engine, speech_audio, monkeypatch):
-    """`final` jobs (committed with no second hypothesis) are searched with beam_size 5 on the batch's
-    encoder output; the words and their times come back as from the greedy loop."""
+    """With `--final-beam-size 5`, `final` jobs (committed with no second hypothesis) are searched with
+    beam_size 5 on the batch's encoder output; the words and their times come back as from the greedy
+    loop. At the default (1) they are greedy."""
     import whisper
 
+    monkeypatch.setattr(engine, "beam_size", 5)
     audio = speech_audio[: int(6.2 * 16000)]
     encoded, _, _ = engine.encode([audio])
     beam = whisper.decode(engine.model, encoded[0], whisper.DecodingOptions(language="en", beam_size=5, patience=2.0,
@@ -92,9 +95,12 @@ def test_an_utterances_last_decode_is_openai_whispers_beam_search_with_timed_wor
     assert all(a.start <= b.start for a, b in zip(words, words[1:]))
     # windows shorter than 30 s (`bucket_seconds`) keep greedy decoding: openai-whisper's decoder
     # takes encoder output of full windows only
-    short = BatchedWhisper(engine.model, "en", bucket_seconds=10)
+    short = BatchedWhisper(engine.model, "en", bucket_seconds=10, beam_size=5)
     assert _text(short.transcribe_batch([TranscribeJob(audio, final=True)])[0]) == \
         _text(short.transcribe_batch([TranscribeJob(audio)])[0])
+    assert searches == [5]
+    monkeypatch.setattr(engine, "beam_size", 1)
+    engine.transcribe_batch([TranscribeJob(audio, final=True)])
     assert searches == [5]
 
 

@@ -100,7 +100,7 @@ def make_loader(config: ServerConfig) -> ModelLoader:
     def load(device: Device) -> DeviceModels:
         whisper_model = load_whisper(config.model, device.torch_device, cache_dir=config.cache_dir)
         asr = BatchedWhisper(whisper_model, config.effective_language, config.model_label, config.bucket_seconds,
-                             max_batch=config.max_batch)
+                             max_batch=config.max_batch, beam_size=config.final_beam_size)
         asr.warm_up()
         vad = SileroVAD(device.torch_device)
         diarizer, diarizer_name, diarizer_bytes = _load_diarizer(backend, config, device)
