@@ -34,7 +34,7 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
-from .decoder_step import DecoderStep, StepBuffers, merge_heads, pick, split_heads, timestamp_rules
+from .decoder_step import DecoderStep, StepBuffers, merge_heads, most_attended, pick, split_heads, timestamp_rules
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
@@ -475,8 +475,7 @@ class BatchedWhisper:
         AlignAtt stops at it (`stop_at` is at or before the audio's end)."""
         if attn is None:
             return torch.zeros(window_mask.shape[0], dtype=torch.long, device=self.device)
-        w = attn[:, :, -1, : window_mask.shape[-1]].masked_fill(~window_mask, -math.inf).softmax(-1)
-        return w.mean(1).argmax(-1)
+        return most_attended(attn[:, :, -1, : window_mask.shape[-1]], window_mask)
 
     def _accept(self, row: _Row, token: int, position: int, logprob: float, eot: int) -> bool:
         """Append `token` to `row` unless the row ends here: end of text, the token budget, or

@@ -166,8 +166,7 @@ class DecoderStep:
         if captured:
             attn = torch.cat(captured, dim=1)
             b.attn[:n, :, :, :t].copy_(attn)
-            w = attn[:, :, -1].masked_fill(~b.cross_ok[:n, 0, :, :t], -math.inf).softmax(-1)
-            b.heard[:n].copy_(w.mean(1).argmax(-1))
+            b.heard[:n].copy_(most_attended(attn[:, :, -1], b.cross_ok[:n, 0, :, :t]))
         b.next[:n].copy_(nxt)
         b.token[:n, 0].copy_(nxt)
         b.pos[:n] += 1
@@ -195,6 +194,12 @@ def timestamp_rules(logits: torch.Tensor, b: StepBuffers, n: int, eot: int, time
     best_text = logp[:, :timestamp_begin].max(-1, keepdim=True).values
     force = mode & (ts_mass > best_text)
     return logp.masked_fill(force & (ids < timestamp_begin), -math.inf).log_softmax(-1)
+
+
+def most_attended(scores: torch.Tensor, in_window: torch.Tensor) -> torch.Tensor:
+    """The window position each query attends to most: the alignment heads' cross-attention scores
+    [R, H, T], softmax over the positions `in_window` ([R or 1, 1, T]), averaged over heads -> [R]."""
+    return scores.masked_fill(~in_window, -math.inf).softmax(-1).mean(1).argmax(-1)
 
 
 def pick(logp: torch.Tensor, temperature: torch.Tensor, sampling: bool) -> torch.Tensor:

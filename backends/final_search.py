@@ -22,13 +22,13 @@ as every decode was before.
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import whisper
 
 from .asr_types import TranscribeJob
+from .decoder_step import most_attended
 
 if TYPE_CHECKING:
     from .batched_whisper import BatchedWhisper, _Row
@@ -73,7 +73,8 @@ def _search(engine: BatchedWhisper, job: TranscribeJob, encoded: torch.Tensor, w
     )
     result = whisper.decode(engine.model, encoded[:, : engine.dims.n_audio_ctx], options)[0]
     weights = _forced_attention(engine, row, encoded, list(result.tokens))
-    heard = _attended_positions(weights, window)
+    heard = [0] if weights is None else most_attended(
+        weights[0].transpose(0, 1), torch.arange(weights.shape[-1], device=weights.device)[None, None] < window).tolist()
     proposed = list(result.tokens) + [tok.eot]
     for j, token in enumerate(proposed):
         if not engine._accept(row, token, heard[min(j, len(heard) - 1)], 0.0, tok.eot):
@@ -88,7 +89,8 @@ def _search(engine: BatchedWhisper, job: TranscribeJob, encoded: torch.Tensor, w
 def _forced_attention(engine: BatchedWhisper, row: _Row, encoded: torch.Tensor,
                       tokens: list[int]) -> torch.Tensor | None:
     """The alignment heads' raw cross-attention scores at the positions that predict each of
-    `tokens` and the end after them, [1, H, len(tokens) + 1, T]: one causal pass over context + tokens."""
+    `tokens` and the end after them, [1, H, len(tokens) + 1, T]: one causal pass over context + tokens
+    (the greedy loop captures the same scores step by step)."""
     if not engine._align:
         return None
     dims, dev = engine.dims, engine.device
@@ -106,13 +108,3 @@ def _forced_attention(engine: BatchedWhisper, row: _Row, encoded: torch.Tensor,
                                  engine._cross_mask([row.window], encoded), True)
     return attn[:, :, len(row.context) - 1:]
 
-
-def _attended_positions(weights: torch.Tensor | None, window: int) -> list[int]:
-    """Per predicting position, the window position the alignment heads attend to most (as the
-    greedy loop's `_attended`)."""
-    if weights is None:
-        return [0]
-    T = weights.shape[-1]
-    outside = torch.arange(T, device=weights.device) >= window
-    w = weights[0].float().masked_fill(outside, -math.inf).softmax(-1)
-    return w.mean(0).argmax(-1).tolist()

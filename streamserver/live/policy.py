@@ -166,8 +166,13 @@ class LocalAgreementPolicy(UtteranceBuffer):
         max_buffer_seconds: float = 25.0,
         prompt_chars: int = 200,
         language: str | None = None,
+        searched_finals: bool = False,
     ) -> None:
         self.transcribe = transcribe
+        # The engine searches an utterance's last decode harder than the others (`--final-beam-size`):
+        # then words still pending at its end are decoded once more, even with no new audio (the same
+        # greedy decode again would only say them again).
+        self.searched_finals = searched_finals
         super().__init__(trim_seconds, max_buffer_seconds, prompt_chars, language)
 
     def start(self, offset: float) -> None:
@@ -199,10 +204,10 @@ class LocalAgreementPolicy(UtteranceBuffer):
         return PolicyOutput(committed, list(self.hypothesis.pending))
 
     def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
-        """End of the utterance: decode it once more (with what arrived since, and searched harder:
-        this decode is committed without a second hypothesis), then commit everything."""
+        """End of the utterance: decode what arrived since the last decode (a decode committed without
+        a second hypothesis, which the engine may search harder), then commit everything."""
         committed: list[Word] = []
-        if len(self.audio) > self.processed_samples or self.hypothesis.pending:
+        if len(self.audio) > self.processed_samples or (self.searched_finals and self.hypothesis.pending):
             committed = (yield from self.process_steps(final=True)).committed
         committed += self._flush()
         self.start(self.end_time)

@@ -99,7 +99,8 @@ class Session:
         if options.policy == "alignatt":
             self.policy = AlignAttPolicy(trim_seconds=options.trim_seconds, language=options.language)
         else:
-            self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language)
+            self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language,
+                                               searched_finals=getattr(models.asr, "beam_size", 1) > 1)
         self.transcript = Transcript()
         self.diarizer = models.diarizer
         self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None
