@@ -126,14 +126,14 @@ def test_a_long_buffer_timed_as_one_segment_is_cut_at_a_committed_sentence_end()
     assert longest < 10.0  # cut at sentence ends, never left to grow to 25 s
 
 
-def test_only_the_last_decode_of_an_utterance_is_marked_final_and_it_decodes_what_is_pending():
-    """With the engine searching last decodes harder, the end of an utterance decodes again even when no
-    audio arrived since the last decode: its words were never checked by a second hypothesis."""
+
+def _three_decodes_then_the_end(searched_finals: bool):
+    """An utterance with words still pending at its end: (the jobs the policy asked for, what it committed)."""
     from backends.asr_types import drive
 
     vocab = [f"w{i}" for i in range(100)]
     asr = ScriptedASR(vocab)
-    policy = LocalAgreementPolicy(trim_seconds=15.0, searched_finals=True)
+    policy = LocalAgreementPolicy(trim_seconds=15.0, searched_finals=searched_finals)
     asr.offset_of = lambda: policy.offset
     jobs = []
 
@@ -147,27 +147,18 @@ def test_only_the_last_decode_of_an_utterance_is_marked_final_and_it_decodes_wha
         committed += drive(policy.process_steps(), answer).committed
     assert policy.hypothesis.pending  # the newest words wait for a second hypothesis
     committed += drive(policy.finish_steps(), answer)
+    return jobs, [w.text.strip() for w in committed]
+
+
+def test_only_the_last_decode_of_an_utterance_is_marked_final_and_it_decodes_what_is_pending():
+    """With the engine searching last decodes harder, the end of an utterance decodes again even when no
+    audio arrived since the last decode: its words were never checked by a second hypothesis."""
+    jobs, committed = _three_decodes_then_the_end(searched_finals=True)
     assert [job.final for job in jobs] == [False, False, False, True]
-    assert [w.text.strip() for w in committed] == vocab[:6]
+    assert committed == [f"w{i}" for i in range(6)]
 
 
 def test_without_a_harder_search_the_end_of_an_utterance_does_not_redecode_the_same_audio():
-    from backends.asr_types import drive
-
-    vocab = [f"w{i}" for i in range(100)]
-    asr = ScriptedASR(vocab)
-    policy = LocalAgreementPolicy(trim_seconds=15.0)
-    asr.offset_of = lambda: policy.offset
-    jobs = []
-
-    def answer(job):
-        jobs.append(job)
-        return asr(job.audio, job.prompt)
-
-    committed = []
-    for _ in range(3):
-        policy.insert_audio(np.zeros(16000, dtype=np.float32))
-        committed += drive(policy.process_steps(), answer).committed
-    committed += drive(policy.finish_steps(), answer)
+    jobs, committed = _three_decodes_then_the_end(searched_finals=False)
     assert len(jobs) == 3  # the pending words are committed as the last decode said them
-    assert [w.text.strip() for w in committed] == vocab[:6]
+    assert committed == [f"w{i}" for i in range(6)]
