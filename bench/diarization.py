@@ -13,10 +13,12 @@ The reference turns are the RTTM beside each WAV (see `../shared/speech/README.m
 - live: the recording streamed through `/asr` of a server started here with `--diarization` at
   real-time pace; the turns are the final update's lines (`start_s`, `end_s`, `speaker`), so speech
   that Whisper did not transcribe counts as missed.
-- offline: a `/jobs` job with `diarization=true` on the same server; the turns are its result's segments.
+- offline: a `/jobs` job with `diarization=true` on the same server; the turns are its result's speaker
+  turns (`speakers` in the json, `?format=rttm`); the spans of its transcript's segments are scored too
+  (words Whisper placed where the reference has no speech count there as false alarm).
 - floor: no diarizer at all: the reference's own speaker labels on the VAD's speech regions (Silero at
-  `--floor-threshold`, regions closed by `--floor-gap` seconds below it; the defaults are the embedding
-  diarizer's). Its DER is what no clustering can beat with that segmentation (missed speech, and one
+  `--floor-threshold`, less 0.15 continuing a region, closed by `--floor-gap` seconds below that; the
+  defaults are the embedding diarizer's). Its DER is what no clustering can beat with that segmentation (missed speech, and one
   label per moment where people overlap).
 
 DER with a 0.25-s collar and its missed / false-alarm / confusion split (overlapped speech counts
@@ -36,6 +38,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from backends.embedding_diarizer import REGION_GAP_SECONDS, REGION_THRESHOLD  # noqa: E402
 from bench.accuracy import start_server, stream_clip  # noqa: E402
 from bench.metrics import der  # noqa: E402
 from bench.speech_set import DEFAULT_SET, Clip, load_diarized  # noqa: E402
@@ -71,7 +74,8 @@ def live_turns(url: str, clip: Clip) -> Turns:
     return [(ln["start_s"], ln["end_s"], ln["speaker"]) for ln in result.lines if ln["speaker"] > 0]
 
 
-def offline_turns(base: str, clip: Clip) -> Turns:
+def offline_turns(base: str, clip: Clip) -> tuple[Turns, Turns]:
+    """(the job's speaker turns, its transcript segments' spans with their speakers)."""
     with open(clip.path, "rb") as f:
         r = httpx.post(f"http://{base}/jobs", files={"file": (clip.path.name, f, "audio/wav")},
                        data={"diarization": "true"}, timeout=600)
@@ -82,7 +86,8 @@ def offline_turns(base: str, clip: Clip) -> Turns:
     if status["status"] == "failed":
         raise RuntimeError(f"{clip.name}: job failed: {status.get('error')}")
     result = httpx.get(f"http://{base}/jobs/{job}/result?format=json", timeout=30).json()
-    return [(s["start"], s["end"], s["speaker"]) for s in result["segments"] if s.get("speaker") is not None]
+    return ([(t["start"], t["end"], t["speaker"]) for t in result["speakers"]],
+            [(s["start"], s["end"], s["speaker"]) for s in result["segments"] if s.get("speaker") is not None])
 
 
 def floor_turns(clip: Clip, threshold: float, gap_seconds: float, piece: float = 0.1) -> Turns:
@@ -95,7 +100,7 @@ def floor_turns(clip: Clip, threshold: float, gap_seconds: float, piece: float =
     gap = max(1, round(gap_seconds * 16000 / WINDOW))
     regions, start, silent, last = [], None, 0, 0
     for i, p in enumerate(probs):
-        if p >= threshold:
+        if p >= threshold or (start is not None and p >= max(threshold - 0.15, 0.01)):
             start, silent, last = (i if start is None else start), 0, i + 1
         elif start is not None:
             silent += 1
@@ -148,8 +153,9 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="extra flags for the server started here")
     ap.add_argument("--sortformer-model", default=None, help="also measure Sortformer (backend mode)")
     ap.add_argument("--all-encoders", action="store_true", help="also measure the fallback speaker encoder (backend mode)")
-    ap.add_argument("--floor-threshold", type=float, default=0.5, help="floor mode: Silero speech probability")
-    ap.add_argument("--floor-gap", type=float, default=0.32, help="floor mode: seconds below it that close a region")
+    ap.add_argument("--floor-threshold", type=float, default=REGION_THRESHOLD,
+                    help="floor mode: Silero speech probability that starts a region (less 0.15 continues it)")
+    ap.add_argument("--floor-gap", type=float, default=REGION_GAP_SECONDS, help="floor mode: seconds below it that close a region")
     args = ap.parse_args()
     clips = load_diarized(Path(args.set), [c for c in args.clips.split(",") if c] or None)
     modes = args.modes.split(",")
@@ -195,10 +201,14 @@ def main() -> None:
                     table.add(clip, live_turns(f"ws://{base}/asr", clip))
                 table.print()
             if "offline" in modes:
-                table = Table("offline: /jobs diarization=true, turns from the result's segments")
+                table = Table("offline: /jobs diarization=true, the result's speaker turns (`speakers`, RTTM)")
+                spans = Table("offline: the same jobs, turns from the transcript's segments (sentences of words)")
                 for clip in clips:
-                    table.add(clip, offline_turns(base, clip))
+                    turns, segments = offline_turns(base, clip)
+                    table.add(clip, turns)
+                    spans.add(clip, segments)
                 table.print()
+                spans.print()
         finally:
             proc.terminate()
             proc.wait(30)

@@ -92,6 +92,8 @@ def test_a_job_runs_to_done_and_its_result_comes_in_every_format(server, encoded
     result = httpx.get(f"{server}/jobs/{job_id}/result").json()
     assert wer(speech_text, result["text"]) <= 0.15 and result["segments"]
     assert wer(speech_text, httpx.get(f"{server}/jobs/{job_id}/result?format=text").text) <= 0.15
+    assert "speakers" not in result  # not diarized: no speaker turns, and no RTTM of them
+    assert httpx.get(f"{server}/jobs/{job_id}/result?format=rttm").status_code == 400
     assert job_id in [j["id"] for j in httpx.get(f"{server}/jobs?status=done").json()["jobs"]]
     metrics = _samples(httpx.get(f"{server}/metrics").text)
     assert metrics['streamserver_jobs{status="done"}'] >= 1
@@ -151,13 +153,25 @@ def test_a_diarized_job_gives_each_turn_its_speaker(server, tmp_path):
     while httpx.get(f"{server}/jobs/{job_id}").json()["status"] not in ("done", "failed"):
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    segments = httpx.get(f"{server}/jobs/{job_id}/result").json()["segments"]
+    result = httpx.get(f"{server}/jobs/{job_id}/result").json()
+    segments = result["segments"]
     speakers = []
     for start, end, voice in truth:  # the speaker of the segments inside each true turn
         inside = [s["speaker"] for s in segments if start - 0.5 <= (s["start"] + s["end"]) / 2 <= end + 0.5]
         assert inside and len(set(inside)) == 1, (voice, segments)
         speakers.append(inside[0])
     assert speakers == [1, 2, 1, 2]
+    # The speaker turns themselves, numbered as the words are: most of each true turn is its speaker's.
+    turns = result["speakers"]
+    for (start, end, _), number in zip(truth, speakers):
+        mine = sum(max(0.0, min(end, t["end"]) - max(start, t["start"])) for t in turns if t["speaker"] == number)
+        assert mine >= 0.5 * (end - start), (start, end, number, turns)
+    rttm = httpx.get(f"{server}/jobs/{job_id}/result?format=rttm")
+    assert rttm.status_code == 200
+    rows = [line.split() for line in rttm.text.splitlines()]
+    assert rows and all(r[0] == "SPEAKER" and r[1] == job_id and len(r) == 10 for r in rows)
+    assert [(float(r[3]), r[7]) for r in rows] == [(t["start"], f"speaker{t['speaker']}") for t in turns
+                                                   if t["end"] > t["start"]]
 
 
 def test_a_long_job_finishes_after_a_sigkill_and_restart_from_its_last_finished_chunk(tiny_en_checkpoint, tmp_path):

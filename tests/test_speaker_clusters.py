@@ -21,6 +21,20 @@ def test_two_voices_are_two_clusters_and_a_few_odd_windows_are_not_a_third():
     assert set(labels[35:]) <= {labels[0], labels[20]}  # absorbed, not a speaker of their own
 
 
+def test_windows_of_mostly_pause_join_a_speaker_but_never_make_one():
+    """Eight windows that are mostly room noise (a pause inside a turn) sit close together: counted
+    among the clusters they are a third speaker; marked unreliable, they join the nearer voice."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(64), rng.standard_normal(64)
+    room = 0.6 * a + 0.8 * rng.standard_normal(64)
+    x = voices(rng, [a, b, room], [20, 15, 8], spread=0.1)
+    assert len(set(cluster(x, threshold=0.4, min_size=5))) == 3
+    reliable = np.arange(len(x)) < 35
+    labels = cluster(x, threshold=0.4, min_size=5, reliable=reliable)
+    assert len(set(labels)) == 2 and labels[0] != labels[20]
+    assert set(labels[35:]) == {labels[0]}  # nearer to voice a
+
+
 def test_the_speaker_count_stays_under_the_cap():
     rng = np.random.default_rng(1)
     x = voices(rng, [rng.standard_normal(64) for _ in range(6)], [8] * 6)

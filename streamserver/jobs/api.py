@@ -117,14 +117,17 @@ async def job_result(request: Request) -> Response:
     if job.status != "done":
         return _error(f"Job is {job.status}", 409)
     fmt = request.query_params.get("format", "json")
-    if fmt not in ("json", "text", "srt", "vtt"):
-        return _error("format must be json, text, srt or vtt", 400)
+    if fmt not in ("json", "text", "srt", "vtt", "rttm"):
+        return _error("format must be json, text, srt, vtt or rttm", 400)
     words = await runner.db(runner.store.words, job.id)
     turns = await runner.db(runner.store.turns, job.id)
-    if turns:
-        words = with_speakers(words, turns)
-    body, media = render(words, "verbose_json" if fmt == "json" else fmt,
-                         duration=job.audio_seconds, language=job.language)
+    speakers = None
+    if turns is not None:
+        words, speakers = with_speakers(words, turns) if turns else (words, [])
+    elif fmt == "rttm":
+        return _error("rttm needs a job with diarization=true", 400)
+    body, media = render(words, "verbose_json" if fmt == "json" else fmt, duration=job.audio_seconds,
+                         language=job.language, speakers=speakers, name=job.id)
     return Response(body, media_type=media)
 
 

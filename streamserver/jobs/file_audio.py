@@ -72,11 +72,10 @@ def speaker_turns(audio: np.ndarray, diarizer, vad: SileroVAD) -> list[tuple[flo
     return [(t.start, t.end, int(t.speaker)) for t in turns]
 
 
-def with_speakers(words: list[dict], turns: list[tuple[float, float, int]]) -> list[dict]:
+def with_speakers(words: list[dict], turns: list[tuple[float, float, int]]) -> tuple[list[dict], list[dict]]:
     """Each word gets the speaker with the most overlap (else the nearest turn), numbered 1, 2, ...
-    in order of first appearance, as live captions number them."""
-    if not turns:
-        return words
+    in order of first appearance in the words, as live captions number them; and the turns themselves
+    with the same numbers (a speaker no word went to numbered after those), as `{start, end, speaker}`."""
     numbers: dict[int, int] = {}
     out = []
     for w in words:
@@ -84,4 +83,6 @@ def with_speakers(words: list[dict], turns: list[tuple[float, float, int]]) -> l
                                          -min(abs(t[0] - w["end"]), abs(t[1] - w["start"]))))
         label = numbers.setdefault(best[2], len(numbers) + 1)
         out.append({**w, "speaker": label})
-    return out
+    spans = [{"start": round(a, 2), "end": round(b, 2), "speaker": numbers.setdefault(label, len(numbers) + 1)}
+             for a, b, label in sorted(turns)]
+    return out, spans

@@ -1,4 +1,5 @@
-"""A file's words → the response formats of OpenAI's transcription API: json, text, srt, vtt, verbose_json.
+"""A file's words → the response formats of OpenAI's transcription API: json, text, srt, vtt, verbose_json;
+and a diarized job's speaker turns as RTTM.
 
 Words are plain dicts `{"word": " Hello", "start": 0.0, "end": 0.4}` (as stored per
 chunk; with `"speaker"` when the job was diarized). Segments are sentences: a
@@ -11,7 +12,7 @@ import json
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MEDIA = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain",
-         "srt": "application/x-subrip", "vtt": "text/vtt"}
+         "srt": "application/x-subrip", "vtt": "text/vtt", "rttm": "text/plain"}
 
 
 def segments(words: list[dict]) -> list[dict]:
@@ -32,8 +33,11 @@ def segments(words: list[dict]) -> list[dict]:
 
 
 def render(words: list[dict], fmt: str, duration: float | None = None, language: str | None = None,
-           with_words: bool = True) -> tuple[str, str]:
-    """(body, media type) of the transcript in `fmt`."""
+           with_words: bool = True, speakers: list[dict] | None = None, name: str = "audio") -> tuple[str, str]:
+    """(body, media type) of the transcript in `fmt`. `speakers`: a diarized job's speaker turns
+    (`{start, end, speaker}`), in verbose_json as `speakers` and alone as `rttm`."""
+    if fmt == "rttm":
+        return rttm(speakers or [], name), MEDIA[fmt]
     text = "".join(w["word"] for w in words).strip()
     if fmt == "text":
         return text + "\n", MEDIA[fmt]
@@ -49,11 +53,19 @@ def render(words: list[dict], fmt: str, duration: float | None = None, language:
     if fmt == "verbose_json":
         body = {"task": "transcribe", "language": language or "en", "duration": duration, "text": text,
                 "segments": segs}
+        if speakers is not None:
+            body["speakers"] = speakers
         if with_words:
             body["words"] = [{"word": w["word"].strip(), "start": round(w["start"], 2), "end": round(w["end"], 2)}
                              for w in words]
         return json.dumps(body), MEDIA[fmt]
     raise ValueError(f"response_format must be one of {', '.join(FORMATS)}")
+
+
+def rttm(speakers: list[dict], name: str) -> str:
+    """Speaker turns in NIST's RTTM, the format diarization scorers (md-eval, pyannote.metrics) read."""
+    return "".join(f"SPEAKER {name} 1 {t['start']:.2f} {t['end'] - t['start']:.2f} <NA> <NA> speaker{t['speaker']} <NA> <NA>\n"
+                   for t in speakers if t["end"] > t["start"])
 
 
 def _stamp(seconds: float, mark: str) -> str:
