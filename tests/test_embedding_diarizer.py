@@ -1,4 +1,4 @@
-"""The offline diarizer (resemblyzer embeddings, clustered online) on a two-voice conversation."""
+"""The embedding diarizer (speaker embeddings, clustered again as a stream grows) on espeak voices."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,6 +67,19 @@ def test_labels_do_not_depend_on_how_the_audio_was_cut(diarizer, conversation):
     b, _ = stream(diarizer, audio, 2048 * 3 + 512)
     assert [(round(t.start, 3), round(t.end, 3), t.speaker) for t in a] == \
            [(round(t.start, 3), round(t.end, 3), t.speaker) for t in b]
+
+
+def test_a_pause_inside_a_turn_is_the_speakers_and_a_long_one_is_nobodys(diarizer, tmp_path):
+    """People pause inside their turns; a reference (and a reader) gives the pause to the speaker. A
+    pause of 2 s is a gap between turns: no one's."""
+    first = speak("A", "This is one person talking for a while about nothing much at all.", tmp_path / "a.wav")
+    second = speak("A", "And then the same person goes on talking after a short pause.", tmp_path / "b.wav")
+    for pause, labelled in ((0.6, True), (2.0, False)):
+        audio = np.concatenate([first, np.zeros(int(pause * 16000), np.float32), second])
+        turns, _ = stream(diarizer, audio, 8000)
+        start = len(first) / 16000
+        share = labelled_share(turns, start + 0.2, start + pause - 0.2)  # inside the pause, past the VAD's edges
+        assert (share.get(0, 0.0) >= 0.9) if labelled else not share, (pause, share)
 
 
 def test_one_voice_is_one_speaker(diarizer, tmp_path):
