@@ -26,6 +26,7 @@ import torch
 from .diarization_types import DiarizeJob, EmbedSteps, SpeakerTurn, drive_batched
 from .speaker_clusters import MIN_SIZE, cluster, stable_labels
 from .speaker_encoders import load_speaker_encoder
+from .vad import release_threshold
 
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 1.6  # resemblyzer's partial utterance
@@ -93,7 +94,7 @@ class EmbeddingDiarizer:
                  region_gap_seconds: float = REGION_GAP_SECONDS, min_speech: float = MIN_SPEECH) -> None:
         self.encoder = encoder if encoder is not None else load_speaker_encoder(device)
         self.region_on = region_threshold
-        self.region_off = max(region_threshold - 0.15, 0.01)
+        self.region_off = release_threshold(region_threshold)
         self.min_speech = min_speech
         self.gap_windows = max(1, round(region_gap_seconds * SAMPLE_RATE / VAD_WINDOW))
         self.max_speakers = max_speakers
@@ -195,7 +196,7 @@ class EmbeddingDiarizer:
         if (state.whole and not final) or not state.embeddings:
             return []
         clusters = cluster(np.stack(state.embeddings), self.threshold, self.min_size, self.max_speakers,
-                           reliable=np.asarray(state.speech[:len(state.embeddings)]) >= self.min_speech)
+                           reliable=np.asarray(state.speech) >= self.min_speech)
         label_of = stable_labels(clusters, state.labels)
         for i in range(upto):
             if state.labels[i] is None:
@@ -221,7 +222,7 @@ class EmbeddingDiarizer:
         keep = [i for i in range(old) if i % 2 == 0] + list(range(old, n))
         index = {old_i: new_i for new_i, old_i in enumerate(keep)}
         state.embeddings = [state.embeddings[i] for i in keep]
-        state.speech = [state.speech[i] for i in keep] + state.speech[n:]
+        state.speech = [state.speech[i] for i in keep]
         state.labels = [state.labels[i] for i in keep]
         for p in state.pending:
             p.window = index[p.window]

@@ -208,6 +208,12 @@ class SpeechEvent:
     sample: int  # absolute stream sample index at 16 kHz
 
 
+def release_threshold(threshold: float) -> float:
+    """The probability speech must fall below to stop being speech, once it started at `threshold`:
+    Silero's hysteresis (`get_speech_timestamps`), so a wavering score does not chatter."""
+    return max(threshold - 0.15, 0.01)
+
+
 class SpeechSegmenter:
     """Turns one stream's per-window probabilities into start/end events (no torch).
 
@@ -221,7 +227,7 @@ class SpeechSegmenter:
 
     def __init__(self, threshold: float = 0.5, min_silence_ms: int = 500, speech_pad_ms: int = 100) -> None:
         self.threshold = threshold
-        self.neg_threshold = max(threshold - 0.15, 0.01)  # as get_speech_timestamps
+        self.neg_threshold = release_threshold(threshold)
         self.min_silence_samples = SAMPLE_RATE * min_silence_ms // 1000
         self.pad_samples = SAMPLE_RATE * speech_pad_ms // 1000
         self._windows = 0  # windows seen so far: the absolute clock

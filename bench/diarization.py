@@ -93,14 +93,15 @@ def offline_turns(base: str, clip: Clip) -> tuple[Turns, Turns]:
 def floor_turns(clip: Clip, threshold: float, gap_seconds: float, piece: float = 0.1) -> Turns:
     """The reference speaker most present in each `piece` of every VAD speech region: perfect labels,
     the VAD's segmentation."""
-    from backends.vad import WINDOW, SileroVAD
+    from backends.vad import WINDOW, SileroVAD, release_threshold
 
     vad = SileroVAD()
     probs = vad.probabilities(vad.new_state(), clip.audio())
     gap = max(1, round(gap_seconds * 16000 / WINDOW))
+    release = release_threshold(threshold)
     regions, start, silent, last = [], None, 0, 0
     for i, p in enumerate(probs):
-        if p >= threshold or (start is not None and p >= max(threshold - 0.15, 0.01)):
+        if p >= threshold or (start is not None and p >= release):
             start, silent, last = (i if start is None else start), 0, i + 1
         elif start is not None:
             silent += 1
