@@ -101,6 +101,13 @@ class EmbeddingDiarizer:
         self.threshold = threshold if threshold is not None else self.encoder.threshold
         self.min_size = min_size
 
+    @property
+    def name(self) -> str:
+        return f"{self.encoder.name} windows"
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.encoder.model]
+
     def new_state(self, whole: bool = False) -> EmbeddingState:
         return EmbeddingState(whole=whole)
 

