@@ -70,6 +70,7 @@ class SegmentedState:
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the newest samples
     audio_start: int = 0  # stream sample of audio[0]
     next_end: int = _STEP  # stream sample where the next window ends
+    last_end: int = 0  # ... and where the last one ended
     windows: list[_Window] = field(default_factory=list)  # those that saw frames not given out yet
     embeddings: list[np.ndarray] = field(default_factory=list)
     alone: list[float] = field(default_factory=list)  # seconds each embedding's speaker spoke alone
@@ -114,12 +115,22 @@ class SegmentedDiarizer:
         return self.process_batch([DiarizeJob(state, flush=True)])[0]
 
     def process_batch(self, jobs: list[DiarizeJob]) -> list[list[SpeakerTurn]]:
-        """Several streams' new audio at once: their local speakers go through the encoder together."""
-        steps = [self._steps(j.state, j.audio, j.vad_probs, j.flush) for j in jobs]
+        """Several streams' new audio at once: their new windows go through the segmentation network in
+        one batch, and their local speakers through the speaker encoder in one batch."""
+        windows = [self._new_windows(j.state, j.audio, j.vad_probs, j.flush) for j in jobs]
+        audio = [w for stream in windows for _, w in stream]
+        activity = list(self.segmentation.activity(np.stack(audio))) if audio else []
+        steps, at = [], 0
+        for job, stream in zip(jobs, windows):
+            seen = [(start, w, activity[at + i]) for i, (start, w) in enumerate(stream)]
+            at += len(stream)
+            steps.append(self._steps(job.state, seen, job.flush))
         return drive_batched(steps, self.encoder.embed)
 
     # -- internals --------------------------------------------------------
-    def _steps(self, state: SegmentedState, audio: np.ndarray, probs: np.ndarray, flush: bool) -> EmbedSteps:
+    def _new_windows(self, state: SegmentedState, audio: np.ndarray, probs: np.ndarray,
+                     flush: bool) -> list[tuple[int, np.ndarray]]:
+        """Take in a stream's new audio; the windows it completes: (start sample, 10 s of audio)."""
         state.audio = np.concatenate([state.audio, audio.astype(np.float32)])
         state.samples += len(audio)
         for p in probs:
@@ -129,11 +140,25 @@ class SegmentedDiarizer:
         while state.next_end <= state.samples:
             ends.append(state.next_end)
             state.next_end += _STEP
-        if flush and state.samples and (not state.windows or state.windows[-1].start + _W < state.samples):
+        if flush and (ends[-1] if ends else state.last_end) < state.samples:
             ends.append(state.samples)  # the last window ends with the stream
-        clips: list[np.ndarray] = []
+        state.last_end = ends[-1] if ends else state.last_end
+        windows = []
         for end in ends:
-            self._segment(state, end, clips)
+            start, lo = end - _W, max(end - _W, state.audio_start)
+            window = np.zeros(_W, np.float32)
+            piece = state.audio[lo - state.audio_start:end - state.audio_start]
+            window[lo - start:lo - start + len(piece)] = piece
+            windows.append((start, window))
+        cut = max(0, state.samples - _W - state.audio_start)  # the next window needs no more
+        state.audio, state.audio_start = state.audio[cut:], state.audio_start + cut
+        return windows
+
+    def _steps(self, state: SegmentedState, windows: list[tuple[int, np.ndarray, np.ndarray]],
+               flush: bool) -> EmbedSteps:
+        clips: list[np.ndarray] = []
+        for start, audio, activity in windows:
+            self._local_speakers(state, start, audio, activity, clips)
         if clips:
             state.embeddings += list((yield clips))
             state.labels += [None] * len(clips)
@@ -144,20 +169,14 @@ class SegmentedDiarizer:
         else:
             upto = max(0, (state.samples - self.latency) // _HOP)
         turns = self._give_out(state, upto) if upto > state.given else []
-        cut = max(0, state.samples - _W - state.audio_start)  # the next window needs no more
-        state.audio, state.audio_start = state.audio[cut:], state.audio_start + cut
         covered = state.samples / SAMPLE_RATE if flush else _seconds([0, state.given])[1] if state.given else 0.0
         state.covered_until = max(state.covered_until, covered)
         return turns
 
-    def _segment(self, state: SegmentedState, end: int, clips: list[np.ndarray]) -> None:
-        """The window ending at `end`: its local speakers' activity; their clips to embed join `clips`."""
-        start = end - _W
-        lo = max(start, state.audio_start)
-        audio = np.zeros(_W, np.float32)
-        piece = state.audio[lo - state.audio_start:end - state.audio_start]
-        audio[lo - start:lo - start + len(piece)] = piece
-        activity = self.segmentation.activity(audio[None])[0]
+    def _local_speakers(self, state: SegmentedState, start: int, audio: np.ndarray, activity: np.ndarray,
+                        clips: list[np.ndarray]) -> None:
+        """A window's local speakers: each with enough speech joins `clips` to be embedded, from the
+        frames where they speak alone when those are enough."""
         alone = activity.sum(1) == 1
         window = _Window(start, activity, {})
         for k in range(activity.shape[1]):

@@ -109,24 +109,27 @@ def test_a_change_of_voice_without_a_pause_is_a_change_of_speaker(diarizer, tmp_
     assert abs(boundary - change) < 0.5
 
 
-def test_streams_diarized_together_share_encoder_calls_and_get_what_each_would_alone(diarizer):
+def test_streams_diarized_together_share_network_and_encoder_calls_and_get_what_each_would_alone(diarizer):
     clip = recording("conversational_childes_father_child")
     audio = clip.audio()
     probs = SileroVAD().probabilities(SileroVAD().new_state(), audio)
     audio = audio[: len(probs) * 512]
     embed, calls = diarizer.encoder.embed, []
     diarizer.encoder.embed = lambda clips: calls.append(len(clips)) or embed(clips)
+    segment, windows = diarizer.segmentation.activity, []
+    diarizer.segmentation.activity = lambda audio: windows.append(len(audio)) or segment(audio)
     try:
         one = diarizer.new_state()
         alone = diarizer.process(one, audio, probs) + diarizer.flush(one)
-        alone_calls, calls[:] = list(calls), []
+        alone_calls, alone_windows, calls[:], windows[:] = list(calls), list(windows), [], []
         states = [diarizer.new_state(), diarizer.new_state()]
         together = diarizer.process_batch([DiarizeJob(s, audio, probs) for s in states])
         flushed = diarizer.process_batch([DiarizeJob(s, flush=True) for s in states])
     finally:
-        del diarizer.encoder.embed
+        del diarizer.encoder.embed, diarizer.segmentation.activity
     assert [t + f for t, f in zip(together, flushed)] == [alone, alone]
-    assert calls == [2 * n for n in alone_calls]
+    assert calls == [2 * n for n in alone_calls]  # each encoder call held both streams' local speakers
+    assert windows == [2 * n for n in alone_windows]  # each network call held both streams' windows
 
 
 def test_without_the_segmentation_weights_the_windows_diarizer_takes_over(monkeypatch, caplog):
