@@ -46,7 +46,7 @@ THRESHOLD = 0.3  # CAM++ cosine distance between local speakers' embeddings (sev
 MIN_SIZE = 3  # local-speaker embeddings a cluster needs to be a speaker
 MIN_EMBED_SECONDS = 0.4  # a local speaker with less speech in a window is not embedded
 RELIABLE_SECONDS = 1.0  # embeddings from less speech alone join the nearest cluster, shaping none
-MAX_EMBEDDINGS = 1200  # kept for clustering; older ones are thinned past this
+MAX_EMBEDDINGS = 800  # a stream keeps this many for clustering (older ones thinned); a file clusters this many
 
 _W = int(WINDOW_SECONDS * SAMPLE_RATE)
 _STEP = int(STEP_SECONDS * SAMPLE_RATE)
@@ -79,6 +79,7 @@ class SegmentedState:
     in_speech: bool = False
     given: int = 0  # frames given out
     last_speaker: int | None = None
+    clustered: np.ndarray | None = None  # the last clustering's label of each embedding
     covered_until: float = 0.0
 
 
@@ -194,14 +195,24 @@ class SegmentedDiarizer:
         state.windows.append(window)
 
     def _labels(self, state: SegmentedState) -> np.ndarray:
-        """Every embedding's speaker now: clustered again and mapped onto the labels given out. Two local
-        speakers of one window may be one speaker: the network splits a voice that changes its manner
-        (forcing them apart made one father two speakers in ../shared/speech's CHILDES recording)."""
+        """Every embedding's speaker now: clustered again (when new ones came) and mapped onto the labels
+        given out. Two local speakers of one window may be one speaker: the network splits a voice that
+        changes its manner (forcing them apart made one father two speakers in ../shared/speech's CHILDES
+        recording). A whole file's embeddings past `MAX_EMBEDDINGS` are evenly sampled to form the
+        clusters (average linkage is quadratic in memory); the rest join the nearest."""
+        n = len(state.embeddings)
+        if state.clustered is not None and len(state.clustered) == n:
+            return state.clustered
         embeddings = np.stack(state.embeddings)
         reliable = np.asarray(state.alone) >= RELIABLE_SECONDS
+        if reliable.sum() > MAX_EMBEDDINGS:
+            keep = np.flatnonzero(reliable)
+            reliable = np.zeros(n, bool)
+            reliable[keep[np.linspace(0, len(keep) - 1, MAX_EMBEDDINGS).astype(int)]] = True
         clusters = cluster(embeddings, self.threshold, self.min_size, self.max_speakers, reliable=reliable)
         mapping = stable_labels(clusters, state.labels)
-        return np.array([mapping[int(c)] for c in clusters])
+        state.clustered = np.array([mapping[int(c)] for c in clusters])
+        return state.clustered
 
     def _give_out(self, state: SegmentedState, upto: int) -> list[SpeakerTurn]:
         """Frames [given, upto): the windows that saw them vote for speakers; the VAD's speech that
@@ -253,15 +264,17 @@ class SegmentedDiarizer:
     def _regions(self, state: SegmentedState, first: int, upto: int) -> np.ndarray:
         """Per frame of [first, upto): inside a VAD speech region (a pause shorter than the region gap
         between two stretches of speech counts as inside)."""
-        speech = np.asarray(state.speech, bool)
+        vad = (np.arange(first, upto) * _HOP + 495) // VAD_WINDOW
+        if not len(vad) or not state.speech:
+            return np.zeros(upto - first, bool)
+        lo = max(0, int(vad[0]) - self.gap_windows)  # only the VAD windows around these frames
+        speech = np.asarray(state.speech[lo:], bool)
         inside = speech.copy()
         on = np.flatnonzero(speech)
-        if len(on) > 1:
-            for a, b in zip(on[:-1], on[1:]):
-                if 1 < b - a <= self.gap_windows:
-                    inside[a:b] = True
-        frame_vad = ((np.arange(first, upto) * _HOP + 495) // VAD_WINDOW).clip(0, max(len(inside) - 1, 0))
-        return inside[frame_vad] if len(inside) else np.zeros(upto - first, bool)
+        for a, b in zip(on[:-1], on[1:]):
+            if 1 < b - a <= self.gap_windows:
+                inside[a:b] = True
+        return inside[(vad - lo).clip(0, len(inside) - 1)]
 
     def _thin(self, state: SegmentedState) -> None:
         """Past `MAX_EMBEDDINGS`, forget every other embedding of the older half that no window still needs."""
@@ -275,6 +288,7 @@ class SegmentedDiarizer:
         state.embeddings = [state.embeddings[i] for i in keep]
         state.alone = [state.alone[i] for i in keep]
         state.labels = [state.labels[i] for i in keep]
+        state.clustered = None
         for w in state.windows:
             w.embedded = {k: index[i] for k, i in w.embedded.items()}
 
