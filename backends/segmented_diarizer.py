@@ -244,11 +244,12 @@ class SegmentedDiarizer:
         order = np.argsort(-score, axis=0)
         frames = []  # (frame, speaker)
         in_region = self._regions(state, first, upto)
+        voted = np.flatnonzero(score.max(0) > 0)
         for j in range(n):
             chosen = [int(order[r, j]) for r in range(min(active[j], speakers)) if score[order[r, j], j] > 0]
             if not chosen and in_region[j]:
                 best = int(order[0, j])
-                chosen = [best] if score[best, j] > 0 else self._nearest(score, j, state.last_speaker)
+                chosen = [best] if score[best, j] > 0 else _nearest(score, voted, j, state.last_speaker)
             for s in chosen:
                 frames.append((first + j, s))
             if chosen:
@@ -260,13 +261,6 @@ class SegmentedDiarizer:
         state.windows = [w for w in state.windows if round(w.start / _HOP) + _F > upto] if not state.whole else state.windows
         self._thin(state)
         return _turns(frames)
-
-    def _nearest(self, score: np.ndarray, j: int, last: int | None) -> list[int]:
-        """The speaker of the nearest frame any window voted for (the last one given out before this)."""
-        voted = np.flatnonzero(score.max(0) > 0)
-        if len(voted):
-            return [int(np.argmax(score[:, voted[np.argmin(np.abs(voted - j))]]))]
-        return [last] if last is not None else []
 
     def _regions(self, state: SegmentedState, first: int, upto: int) -> np.ndarray:
         """Per frame of [first, upto): inside a VAD speech region (a pause shorter than the region gap
@@ -298,6 +292,16 @@ class SegmentedDiarizer:
         state.clustered = None
         for w in state.windows:
             w.embedded = {k: index[i] for k, i in w.embedded.items()}
+
+
+def _nearest(score: np.ndarray, voted: np.ndarray, j: int, last: int | None) -> list[int]:
+    """The likeliest speaker of the nearest frame (of `voted`, those any window voted for) to frame j;
+    else the last speaker given out."""
+    if len(voted):
+        at = int(np.searchsorted(voted, j))
+        near = min(voted[max(at - 1, 0):at + 1], key=lambda v: abs(int(v) - j))
+        return [int(np.argmax(score[:, near]))]
+    return [last] if last is not None else []
 
 
 def frames_in_stream(samples: int) -> int:
