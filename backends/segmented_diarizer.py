@@ -33,7 +33,8 @@ from .diarization_types import DiarizeJob, EmbedSteps, SpeakerTurn, drive_batche
 from .embedding_diarizer import REGION_GAP_SECONDS, REGION_THRESHOLD
 from .speaker_clusters import cluster, stable_labels
 from .speaker_encoders import load_speaker_encoder
-from .speaker_segmentation import FRAME_STEP, SpeakerSegmentation, frames_in
+from .speaker_segmentation import FRAME_HOP as _HOP
+from .speaker_segmentation import FRAME_SPAN, FRAME_STEP, SpeakerSegmentation, frames_in
 from .vad import WINDOW as VAD_WINDOW
 from .vad import release_threshold
 
@@ -54,9 +55,8 @@ RELIABLE_SECONDS = 1.0  # embeddings from less speech alone join the nearest clu
 MAX_EMBEDDINGS = 800  # a stream keeps this many for clustering (older ones thinned); a file clusters this many
 
 _W = int(WINDOW_SECONDS * SAMPLE_RATE)
-_HOP = 270  # samples per network frame
 _F = frames_in(_W)
-_FRAME_CENTRE = 991 / 2 / SAMPLE_RATE  # a frame's receptive field is centred this far after its start
+_FRAME_CENTRE = FRAME_SPAN / 2 / SAMPLE_RATE  # a frame's receptive field is centred this far after its start
 _WEIGHTS = np.hamming(_F)
 
 
@@ -195,7 +195,7 @@ class SegmentedDiarizer:
                 continue
             mask = np.zeros(_W, bool)
             for f in np.flatnonzero(use):
-                mask[f * _HOP:f * _HOP + 991] = True
+                mask[f * _HOP:f * _HOP + FRAME_SPAN] = True
             window.embedded[k] = len(state.embeddings) + len(clips)
             state.alone.append(float(solo.sum() * FRAME_STEP))
             clips.append(audio[mask])
@@ -265,7 +265,7 @@ class SegmentedDiarizer:
     def _regions(self, state: SegmentedState, first: int, upto: int) -> np.ndarray:
         """Per frame of [first, upto): inside a VAD speech region (a pause shorter than the region gap
         between two stretches of speech counts as inside)."""
-        vad = (np.arange(first, upto) * _HOP + 495) // VAD_WINDOW
+        vad = (np.arange(first, upto) * _HOP + FRAME_SPAN // 2) // VAD_WINDOW
         if not len(vad) or not state.speech:
             return np.zeros(upto - first, bool)
         lo = max(0, int(vad[0]) - self.gap_windows)  # only the VAD windows around these frames

@@ -25,8 +25,9 @@ from torch import nn
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 10.0  # the window the network was trained on
 LOCAL_SPEAKERS = 3
-FRAME_STEP = 270 / SAMPLE_RATE  # 16.875 ms: SincNet's stride 10, then three max-pools of 3
-FRAME_DURATION = 991 / SAMPLE_RATE  # the receptive field of one frame (61.9 ms)
+FRAME_HOP = 270  # samples between frames (16.875 ms): SincNet's stride 10, then three max-pools of 3
+FRAME_SPAN = 991  # samples one frame hears (61.9 ms): its receptive field, from the frame's start
+FRAME_STEP = FRAME_HOP / SAMPLE_RATE
 
 
 def powerset_classes(speakers: int = LOCAL_SPEAKERS, per_frame: int = 2) -> np.ndarray:

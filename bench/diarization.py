@@ -171,7 +171,7 @@ def main() -> None:
 
         default = load_embedding_diarizer("cpu")
         backends = [(f"backend: the default embedding diarizer ({default.name}), streamed", default, False),
-                    (f"backend: the same, each recording as a whole (as /jobs runs it)", default, True)]
+                    ("backend: the same, each recording as a whole (as /jobs runs it)", default, True)]
         if not isinstance(default, EmbeddingDiarizer):
             windows = EmbeddingDiarizer("cpu", encoder=default.encoder)
             backends.append((f"backend: {windows.name} alone (no segmentation network), streamed", windows, False))

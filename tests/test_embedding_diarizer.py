@@ -6,6 +6,7 @@ import pytest
 
 from backends.embedding_diarizer import EmbeddingDiarizer
 from backends.vad import SileroVAD
+from tests.diarizer_stream import stream
 from tests.voices import make_conversation, speak
 
 
@@ -17,24 +18,6 @@ def conversation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def diarizer():
     return EmbeddingDiarizer("cpu")
-
-
-def stream(diarizer, audio: np.ndarray, piece: int):
-    vad, vad_state, state = SileroVAD(), None, diarizer.new_state()
-    vad_state = vad.new_state()
-    turns, covered, pending = [], [], np.zeros(0, np.float32)
-    for i in range(0, len(audio), piece):
-        pending = np.concatenate([pending, audio[i:i + piece]])
-        probs = vad.probabilities(vad_state, audio[i:i + piece])
-        n = len(probs) * 512
-        new = diarizer.process(state, pending[:n], probs)
-        pending = pending[n:]
-        assert all(t.end <= state.covered_until + 1e-6 for t in new)  # only covered time is labelled
-        turns += new
-        covered.append(state.covered_until)
-    turns += diarizer.flush(state)
-    covered.append(state.covered_until)
-    return turns, covered
 
 
 def labelled_share(turns, start: float, end: float) -> dict[int, float]:

