@@ -48,6 +48,11 @@ class Segment:
 SENTENCE_END = (".", "?", "!")
 CLAUSE_END = SENTENCE_END + (",", ";", ":")
 
+# The most audio one decode hears: Whisper's 30-s window, less the second of silence the engine keeps
+# after the audio (`batched_whisper.MIN_SILENCE_AFTER`; Whisper ends its text on that silence).
+# Audio past it is not heard; a policy whose buffer grew longer (a stream that fell behind) decodes
+# it in the next window.
+DECODE_SECONDS = 29.0
 MIN_LOOP_WORDS = 3  # a run of this many words said again straight after itself is a loop
 
 

@@ -24,7 +24,7 @@ class HeardASR:
 
     def __call__(self, job: TranscribeJob) -> list[Segment]:
         self.jobs.append(job)
-        seconds = len(job.audio) / 16000
+        seconds = min(len(job.audio) / 16000, 30.0)  # the engine hears one 30-s window
         skip = len(job.prefix.split())
         out, k = [], 0
         n = math.ceil(self.offset / WORD - 1e-6)  # the first word that starts inside the buffer
@@ -63,6 +63,22 @@ def test_each_update_commits_the_new_words_heard_and_decodes_only_those():
     assert asr.jobs[1].prefix.split() == [w.text.strip() for w in committed[: len(asr.jobs[1].prefix.split())]]
     assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-1]) and asr.jobs[-1].stop_before_end == END_GUARD
     assert any(tentative)  # the word at the edge of the audio is shown, not committed
+
+
+def test_a_stream_that_fell_behind_loses_no_words_past_whisper_s_30_second_window():
+    """40 s arrive before the policy decodes (a loaded server), then the stream ends: every word is
+    committed once, in order, and no decode is given more than one window."""
+    asr = HeardASR()
+    policy = AlignAttPolicy(frame_threshold=0.5)
+    policy.insert_audio(np.zeros(40 * 16000, np.float32))
+
+    def answer(job):
+        asr.offset = policy.offset
+        return asr(job)
+
+    committed = drive(policy.finish_steps(), answer)
+    assert [w.text.strip(",").strip() for w in committed] == [f"w{i}" for i in range(80)]
+    assert max(len(job.audio) for job in asr.jobs) / 16000 <= 29.0
 
 
 def test_a_long_buffer_is_cut_at_a_committed_clause_end_and_its_text_becomes_the_prompt():

@@ -40,8 +40,8 @@ class ScriptedASR:
         self.calls: list[tuple[float, str]] = []
 
     def __call__(self, audio: np.ndarray, prompt: str) -> list[Segment]:
-        seconds = len(audio) / 16000
-        self.calls.append((seconds, prompt))
+        seconds = min(len(audio) / 16000, 30.0)  # the engine hears one 30-s window
+        self.calls.append((len(audio) / 16000, prompt))
         # words are laid out on absolute time; the policy passes buffer-relative audio, so we
         # need the policy's offset: the test sets it through `offset_of` below.
         start = self.offset_of()
@@ -78,6 +78,43 @@ def test_a_long_stream_commits_every_word_once_in_order_and_the_buffer_stays_bou
     assert longest <= 15.0 + 1.0 + 1e-6
     # the prompt carries committed text that has left the buffer
     assert any("w1" in prompt for _, prompt in asr.calls[-5:])
+
+
+def test_a_stream_that_fell_behind_loses_no_words_past_whisper_s_30_second_window():
+    """40 s arrive before the policy gets to decode (a loaded server): no decode is given more than
+    one window, and every word is committed once, in order, whether the stream goes on or ends."""
+    for decode_first in (True, False):
+        vocab = [f"w{i}" for i in range(1000)]
+        asr = ScriptedASR(vocab)
+        policy = LocalAgreementPolicy(asr, trim_seconds=15.0, max_buffer_seconds=25.0)
+        asr.offset_of = lambda: policy.offset
+        transcript = Transcript()
+        policy.insert_audio(np.zeros(40 * 16000, dtype=np.float32))
+        if decode_first:
+            transcript.add_words(policy.process().committed)
+        transcript.add_words(policy.finish())
+        assert transcript.lines[0].text.split() == vocab[:80]
+        assert max(seconds for seconds, _ in asr.calls) <= 29.0
+
+
+def test_a_repeat_dropped_from_the_captions_is_not_in_the_next_prompt():
+    """A decode that loops ("w1 w2 w3 w1 w2 w3") commits the run once, and what prompts the next decode
+    is what was committed: a prompt holding the loop makes Whisper continue it."""
+    calls = []
+
+    def transcribe(audio, prompt):
+        calls.append(prompt)
+        if len(calls) == 1:
+            ws = [Word(0.5 * i, 0.5 * i + 0.4, f" w{1 + i % 3}") for i in range(6)]
+            return [Segment(0.0, 3.0, tuple(ws))]
+        return [Segment(0.0, 0.4, (Word(0.0, 0.4, " next"),))]
+
+    policy = LocalAgreementPolicy(transcribe)
+    policy.insert_audio(np.zeros(3 * 16000, dtype=np.float32))
+    assert [w.text.strip() for w in policy.finish()] == ["w1", "w2", "w3"]
+    policy.insert_audio(np.zeros(16000, dtype=np.float32))
+    policy.process()
+    assert calls[-1] == "w1 w2 w3"
 
 
 def test_the_buffer_is_cut_even_without_agreed_segment_ends():

@@ -56,9 +56,12 @@ class AlignAttPolicy(UtteranceBuffer):
     def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
         """Decode past the committed prefix up to the attention frontier; commit the new words
         the previous decode also said (all of them on the utterance's last decode)."""
-        self.processed_samples = len(self.audio)
-        job = TranscribeJob(self.audio, self._prompt(), self.language, prefix=join_words(self.committed),
-                            stop_before_end=END_GUARD if final else self.frame_threshold,
+        window = self.window
+        self.processed_samples = len(window)
+        # Only a window that reaches the utterance's end decodes to its end; one that ends inside the
+        # buffer (a stream that fell behind) stops at the frontier, as any other decode.
+        job = TranscribeJob(window, self._prompt(), self.language, prefix=join_words(self.committed),
+                            stop_before_end=END_GUARD if final and self.heard_all else self.frame_threshold,
                             prefix_end=self.committed[-1].end - self.offset if self.committed else 0.0,
                             final=final)
         answer = yield job
@@ -71,6 +74,7 @@ class AlignAttPolicy(UtteranceBuffer):
             if agreed == len(words) and words and words[-1].end >= self.end_time - self.frame_threshold - 0.3:
                 agreed -= 1  # the word at the edge may still be growing
             commit, self.held = words[:agreed], words[agreed:]
+        commit = self._once(commit)
         self.committed.extend(commit)
         self._trim()
         return PolicyOutput(commit, list(self.held))
@@ -79,7 +83,14 @@ class AlignAttPolicy(UtteranceBuffer):
         """End of the utterance: decode to the end of the audio and commit everything."""
         committed: list[Word] = []
         if len(self.audio):  # the held-back word, and any audio since the last update
-            committed = (yield from self.process_steps(final=True)).committed
+            while True:
+                said_before = self.said_until
+                committed += (yield from self.process_steps(final=True)).committed
+                if self.heard_all:
+                    break
+                self._remember(self.committed)  # a stream that fell behind: audio past the window is left
+                self.committed = []
+                self._cut_said(said_before)
         self._remember(self.committed)
         self.start(self.end_time)
         return committed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words
+from backends.asr_types import DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words, without_repeats
 
 SAMPLE_RATE = 16000
 
@@ -27,6 +27,9 @@ Transcribe = Callable[[np.ndarray, str], list[Segment]]
 # "the room" 6 s after "of" where the hypothesis before had it right after; committing it there
 # would also push the committed time past the skipped words, losing them for good.
 SAME_PLACE_SECONDS = 1.0
+# A window that ends inside the buffer may end inside a word: its words ending this close to the
+# window's end are left for the next decode, which hears them whole.
+EDGE_SECONDS = 0.5
 
 
 def agreed_prefix(old: list[Word], new: list[Word], max_shift: float = math.inf) -> int:
@@ -44,8 +47,10 @@ class HypothesisBuffer:
     """The words of the last hypothesis not yet committed, and the agreement rule (same words,
     in the same places)."""
 
-    def __init__(self, committed_until: float = 0.0) -> None:
+    def __init__(self, committed_until: float = 0.0,
+                 keep: Callable[[list[Word]], list[Word]] = list) -> None:
         self.committed_until = committed_until
+        self.keep = keep  # what of an agreed run is committed (the policy's repeat guard)
         self.recent_committed: list[Word] = []  # committed words still inside the audio buffer
         self.pending: list[Word] = []  # previous hypothesis, after its committed prefix
 
@@ -55,23 +60,24 @@ class HypothesisBuffer:
         new = self._drop_repeated_head(new)
         agreed = agreed_prefix(self.pending, new, SAME_PLACE_SECONDS)
         commit, self.pending = new[:agreed], new[agreed:]
-        self._committed(commit)
-        return commit
+        return self._committed(commit)
 
     def flush(self) -> list[Word]:
         """Commit everything pending (end of an utterance: no later hypothesis will come)."""
         commit, self.pending = self.pending, []
-        self._committed(commit)
-        return commit
+        return self._committed(commit)
 
     def forget_before(self, t: float) -> None:
         """The audio before `t` left the buffer: its committed words can no longer repeat."""
         self.recent_committed = [w for w in self.recent_committed if w.end > t]
 
-    def _committed(self, words: list[Word]) -> None:
+    def _committed(self, words: list[Word]) -> list[Word]:
+        """The audio up to the run's end is done with, even where `keep` drops a repeat."""
         if words:
-            self.recent_committed.extend(words)
             self.committed_until = words[-1].end
+            words = self.keep(words)
+            self.recent_committed.extend(words)
+        return words
 
     def _drop_repeated_head(self, new: list[Word]) -> list[Word]:
         """Whisper often repeats the last committed words at the start of the buffer: drop
@@ -102,6 +108,8 @@ class UtteranceBuffer:
         self.max_buffer_seconds = max_buffer_seconds
         self.prompt_chars = prompt_chars
         self.context = ""  # committed text of the whole stream, for prompting
+        self.said: list[str] = []  # keys of the last committed words, across utterances
+        self.said_until = 0.0  # stream time where the last committed word ends (a dropped repeat too)
         self.start(0.0)
 
     def start(self, offset: float) -> None:
@@ -111,6 +119,16 @@ class UtteranceBuffer:
 
     def insert_audio(self, audio: np.ndarray) -> None:
         self.audio = np.concatenate([self.audio, audio.astype(np.float32, copy=False)])
+
+    @property
+    def window(self) -> np.ndarray:
+        """The audio the next decode hears: the buffer, or its first `DECODE_SECONDS` when a stream
+        that fell behind has more (the rest waits for the next decode; it is never cut unheard)."""
+        return self.audio[: int(DECODE_SECONDS * SAMPLE_RATE)]
+
+    @property
+    def heard_all(self) -> bool:
+        return self.processed_samples >= len(self.audio)
 
     @property
     def buffer_seconds(self) -> float:
@@ -135,6 +153,25 @@ class UtteranceBuffer:
         if n < len(self.audio):
             self.audio = self.audio[:n]
             self.processed_samples = min(self.processed_samples, n)
+
+    def _once(self, words: list[Word]) -> list[Word]:
+        """What a decode would commit, less every run that repeats what was just committed. Every
+        commit of both policies passes here, before it becomes the prompt (and AlignAtt's forced
+        prefix): a loop the reader never saw must not be what Whisper is conditioned on either,
+        or the next decode continues it ("Want your naked? Want your naked?" in the prompt gave a
+        whole utterance of "Do you want a kiss? Yes." twice). Committed text is final, so a loop
+        can never be undone: real speech almost never says three words twice in a row."""
+        if words:
+            self.said_until = max(self.said_until, words[-1].end)
+        words = without_repeats(words, self.said)
+        self.said = (self.said + [w.key for w in words])[-64:]
+        return words
+
+    def _cut_said(self, said_before: float) -> None:
+        """Drop the audio a decode is done with, all it says being committed: up to its last word
+        (speech after it was not reached and is decoded next); all it heard, if it said nothing new
+        (`said_until` was `said_before` when it began)."""
+        self._cut(self.said_until if self.said_until > said_before else self.processed_until)
 
     def _remember(self, words: list[Word]) -> None:
         if words:
@@ -177,7 +214,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
 
     def start(self, offset: float) -> None:
         super().start(offset)
-        self.hypothesis = HypothesisBuffer(committed_until=offset)
+        self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
 
     # -- the three verbs ------------------------------------------------
     def process(self) -> PolicyOutput:
@@ -189,16 +226,20 @@ class LocalAgreementPolicy(UtteranceBuffer):
     def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
         """Transcribe the buffer once; commit what the last two hypotheses agree on. `final`: the
         utterance's last decode (everything it says is committed)."""
-        self.processed_samples = len(self.audio)
-        answer = yield TranscribeJob(self.audio, self._prompt(), self.language, final=final)
+        window, said_before = self.window, self.said_until
+        self.processed_samples = len(window)
+        answer = yield TranscribeJob(window, self._prompt(), self.language, final=final)
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
+        if not self.heard_all:  # the window ends inside the buffer, maybe inside a word: hear it again
+            words = [w for w in words if w.end <= self.processed_until - EDGE_SECONDS]
         committed = self.hypothesis.insert(words)
         self._remember(committed)
         if self.buffer_seconds > self.max_buffer_seconds:
-            # No segment end was agreed on for too long: take the hypothesis as it is.
+            # No segment end was agreed on for too long: take the hypothesis as it is, and keep the
+            # audio after its last word (speech the decode did not reach is decoded next time).
             committed = committed + self._flush()
-            self._cut(self.end_time)
+            self._cut_said(said_before)
         elif self.buffer_seconds > self.trim_seconds:
             self._trim_at_segment(segments)
         return PolicyOutput(committed, list(self.hypothesis.pending))
@@ -207,8 +248,14 @@ class LocalAgreementPolicy(UtteranceBuffer):
         """End of the utterance: decode what arrived since the last decode (a decode committed without
         a second hypothesis, which the engine may search harder), then commit everything."""
         committed: list[Word] = []
-        if len(self.audio) > self.processed_samples or (self.searched_finals and self.hypothesis.pending):
-            committed = (yield from self.process_steps(final=True)).committed
+        if not self.heard_all or (self.searched_finals and self.hypothesis.pending):
+            while True:
+                said_before = self.said_until
+                committed += (yield from self.process_steps(final=True)).committed
+                if self.heard_all:
+                    break
+                committed += self._flush()  # a stream that fell behind: audio past the window is left
+                self._cut_said(said_before)
         committed += self._flush()
         self.start(self.end_time)
         return committed

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import Steps, join_words, without_repeats
+from backends.asr_types import Steps, join_words
 from backends.diarization_types import DiarizeJob
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
@@ -117,7 +117,6 @@ class Session:
         self._speech_end = 0  # absolute sample where the last speech ended (a silence line starts there)
         self._fed_end = 0  # absolute sample up to which the last utterance was fed (the next starts after)
         self._tentative: list = []
-        self._said: list[str] = []  # keys of the last committed words, so a repeat is never committed
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
         self._ends: list[float] = []
         self._cuts = 0
@@ -230,11 +229,7 @@ class Session:
 
     def _commit(self, words: list) -> None:
         """Committed words go to the transcript, through attribution when there is a diarizer.
-
-        A run of words that repeats what was just committed is dropped here, whichever policy
-        or utterance boundary produced it: committed text is final, so a loop can never be undone."""
-        words = without_repeats(words, self._said)
-        self._said = (self._said + [w.key for w in words])[-64:]
+        (The policy has already dropped runs that repeat what was just committed, `_once`.)"""
         if self.attribution is None:
             self.transcript.add_words(words)
         else:
