@@ -182,7 +182,7 @@ class BatchedWhisper:
         # An utterance's last decode, which nothing will check after it, is a beam search (at most
         # `searches_per_round` of them: each is a decode of its own, and the round waits for it);
         # one that fails the quality checks joins the greedy rows below and their fallback.
-        searched = [k for k, i in enumerate(live) if final_search.searchable(self, jobs[i], windows[k])]
+        searched = [k for k, i in enumerate(live) if final_search.searchable(self, jobs[i])]
         for k in searched[: self.searches_per_round]:
             found = final_search.search(self, jobs[live[k]], encoded[k:k + 1], windows[k], frames[k])
             if found is not None and (found[0].silent or not found[0].degenerate):
@@ -351,11 +351,50 @@ class BatchedWhisper:
     def _decode(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
         """Greedy decoding of all rows at once; returns each row's alignment-head weights [H, n_text+1, frames]."""
         B, T = len(rows), encoded.shape[1]
-        buf, stepper = self._stepper(B, T)
+        buf, stepper, n, logp, attn = self._prefill(rows, encoded)
+        tok, S, L0 = rows[0].tokenizer, buf.text_ctx, max(len(r.context) for r in rows)
+        temps = buf.temp[:B]
+        first = pick(logp, temps, stepper.sampling)
+        took_ts = first >= tok.timestamp_begin
+        buf.last_ts[:B] = took_ts
+        buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
+        first_logprob = logp.gather(1, first[:, None])[:, 0]
+        heard = self._attended(attn, buf.cross_ok[:B, 0, :, :T])
+        captured = [attn[:, :, -1:]] if attn is not None else []
+        buf.token[:B, 0] = first
+        picked = torch.stack([first.double(), heard.double(), first_logprob.double()]).tolist()  # one sync per step
+        for step in range(max(r.max_new for r in rows) + 1):
+            active = 0
+            for i, r in enumerate(rows):
+                if not r.done and self._accept(r, int(picked[0][i]), int(picked[1][i]), picked[2][i], tok.eot):
+                    active += 1
+            if not active or L0 + step >= S:
+                break
+            self.last_steps = step + 1
+            stepper.step(n, T)
+            if attn is not None:
+                captured.append(buf.attn[:B, :, :, :T].clone())
+            picked = torch.stack([buf.next[:B].double(), buf.heard[:B].double(), buf.logprob[:B].double()]).tolist()
+        if not captured:
+            return [None] * len(rows)
+        weights = torch.cat(captured, dim=2)
+        out: list[np.ndarray | None] = []
+        for k in range(0, B, ENCODE_BATCH):
+            out += self._alignment(weights[k:k + ENCODE_BATCH], rows[k:k + ENCODE_BATCH])
+        return out
+
+    def _prefill(self, rows: list[_Row], encoded: torch.Tensor, graphs: bool | None = None):
+        """A round's buffers with every row's forced tokens (prompt, start of transcript, AlignAtt's
+        prefix) in the self-attention cache, left-padded to one length. `encoded` is [B, T, d], or
+        [1, T, d] for rows that all decode the same audio (a beam search's hypotheses).
+        Returns (buffers, stepper, the batch it steps at, the first new token's log-probabilities
+        [B, vocab], the alignment heads' attention over the forced tokens or None)."""
+        B, T = len(rows), encoded.shape[1]
+        buf, stepper = self._stepper(B, T, graphs)
         n = stepper.batch_size(B)
         stepper.sampling = any(r.temperature > 0 for r in rows)
         stepper.prepare(n, T)  # before the buffers are filled: a capture's warm-up scribbles on them
-        dev, S = self.device, buf.text_ctx
+        dev = self.device
         L0 = max(len(r.context) for r in rows)
         pads = torch.tensor([L0 - len(r.context) for r in rows], device=dev)
         tokens = torch.zeros(B, L0, dtype=torch.long, device=dev)
@@ -363,7 +402,7 @@ class BatchedWhisper:
             tokens[i, L0 - len(r.context):] = torch.tensor(r.context, device=dev)
         buf.key_ok[:n] = True  # rows past B are padding: let them see something, never NaN
         buf.key_ok[:B] = buf.slots[None, :] >= pads[:, None]
-        cross = self._cross_kv(encoded, buf)
+        cross = self._cross_kv(encoded, buf, B)
         positions_t = torch.arange(buf.audio_ctx, device=dev)[None, :]
         windows = torch.tensor([r.window for r in rows], device=dev)
         buf.cross_ok[:n] = positions_t[:, None, None, :] == 0
@@ -393,36 +432,9 @@ class BatchedWhisper:
         last = logits + buf.suppress
         last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
         logp = timestamp_rules(last, buf, B, tok.eot, tok.timestamp_begin, first=True)
-        first = pick(logp, temps, stepper.sampling)
-        took_ts = first >= tok.timestamp_begin
-        buf.last_ts[:B] = took_ts
-        buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
-        first_logprob = logp.gather(1, first[:, None])[:, 0]
-        heard = self._attended(attn, buf.cross_ok[:B, 0, :, :T])
-        captured = [attn[:, :, -1:]] if attn is not None else []
-        buf.token[:B, 0] = first
         buf.pos[:B, 0] = L0 - pads
         buf.slot.fill_(L0)
-        picked = torch.stack([first.double(), heard.double(), first_logprob.double()]).tolist()  # one sync per step
-        for step in range(max(r.max_new for r in rows) + 1):
-            active = 0
-            for i, r in enumerate(rows):
-                if not r.done and self._accept(r, int(picked[0][i]), int(picked[1][i]), picked[2][i], tok.eot):
-                    active += 1
-            if not active or L0 + step >= S:
-                break
-            self.last_steps = step + 1
-            stepper.step(n, T)
-            if attn is not None:
-                captured.append(buf.attn[:B, :, :, :T].clone())
-            picked = torch.stack([buf.next[:B].double(), buf.heard[:B].double(), buf.logprob[:B].double()]).tolist()
-        if not captured:
-            return [None] * len(rows)
-        weights = torch.cat(captured, dim=2)
-        out: list[np.ndarray | None] = []
-        for k in range(0, B, ENCODE_BATCH):
-            out += self._alignment(weights[k:k + ENCODE_BATCH], rows[k:k + ENCODE_BATCH])
-        return out
+        return buf, stepper, n, logp, attn
 
     def _alignment(self, weights: torch.Tensor, rows: list[_Row]) -> list[np.ndarray | None]:
         """Token-by-audio alignment matrices of all rows at once, as openai-whisper's `find_alignment`
@@ -444,11 +456,12 @@ class BatchedWhisper:
         matrices = w.reshape(B, H, N, T).mean(1).cpu().numpy()
         return [matrices[i, : len(r.tokens) + 1, : r.frames] for i, r in enumerate(rows)]
 
-    def _stepper(self, rows: int, audio_ctx: int) -> tuple[StepBuffers, DecoderStep]:
+    def _stepper(self, rows: int, audio_ctx: int, graphs: bool | None = None) -> tuple[StepBuffers, DecoderStep]:
         """On CUDA one set of buffers, kept (its graphs point into it) and grown when a round needs
-        more rows (in powers of two up to `max_batch`) or longer windows; on the CPU buffers of this
+        more rows (in powers of two up to `max_batch`) or longer windows; on the CPU (or with
+        `graphs=False`: a beam search, whose rows are reordered between steps) buffers of this
         batch's size, made per round."""
-        if self._graphs:
+        if self._graphs if graphs is None else graphs:
             old = self._step.buf if self._step is not None else None
             if old is None or old.rows < rows or old.audio_ctx < audio_ctx:
                 size = max(rows, min(self.max_batch, 1 << math.ceil(math.log2(rows))), old.rows if old else 0)
@@ -501,11 +514,14 @@ class BatchedWhisper:
         row.sum_logprob += logprob
         return True
 
-    def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None,
+                  rows: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys/values of the encoded audio, written straight
-        into `buf`'s preallocated rows when given (no second copy of them exists)."""
+        into `buf`'s preallocated rows when given (no second copy of them exists); one encoded row
+        is computed once and copied to all `rows`."""
         heads = self.dims.n_text_head
-        B, T = encoded.shape[:2]
+        T = encoded.shape[1]
+        B = rows or encoded.shape[0]
         out = []
         for layer, block in enumerate(self.model.decoder.blocks):
             attn = block.cross_attn

@@ -128,6 +128,28 @@ class DecoderStep:
         return graph
 
     def _body(self, n: int, t: int) -> None:
+        b = self.buf
+        logp = self.logprobs(n, t)
+        nxt = pick(logp, b.temp[:n], self.sampling)
+        b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
+        self.advance(n, nxt)
+
+    def advance(self, n: int, nxt: torch.Tensor) -> None:
+        """Rows [0, n) take tokens `nxt`: the timestamp rules' state follows, and they are the next
+        step's input, one position and one cache slot on."""
+        b = self.buf
+        took_ts = nxt >= self.timestamp_begin
+        b.pen_ts[:n].copy_(b.last_ts[:n])
+        b.last_ts[:n].copy_(took_ts)
+        b.ts_max[:n].copy_(torch.where(took_ts, nxt, b.ts_max[:n]))
+        b.next[:n].copy_(nxt)
+        b.token[:n, 0].copy_(nxt)
+        b.pos[:n] += 1
+        b.slot += 1
+
+    def logprobs(self, n: int, t: int) -> torch.Tensor:
+        """The next token's log-probabilities for rows [0, n) [n, vocab], after suppression and the
+        timestamp rules; the alignment heads' attention of this step goes to buf.attn / buf.heard."""
         b, dec = self.buf, self.model.decoder
         heads = self.model.dims.n_text_head
         pos = b.pos[:n].clamp(max=b.text_ctx - 1)
@@ -156,21 +178,11 @@ class DecoderStep:
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
         logits = (x[:, -1] @ self.vocabulary).float() + b.suppress
-        logp = timestamp_rules(logits, b, n, self.eot, self.timestamp_begin)
-        nxt = pick(logp, b.temp[:n], self.sampling)
-        b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
-        took_ts = nxt >= self.timestamp_begin
-        b.pen_ts[:n].copy_(b.last_ts[:n])
-        b.last_ts[:n].copy_(took_ts)
-        b.ts_max[:n].copy_(torch.where(took_ts, nxt, b.ts_max[:n]))
         if captured:
             attn = torch.cat(captured, dim=1)
             b.attn[:n, :, :, :t].copy_(attn)
             b.heard[:n].copy_(most_attended(attn[:, :, -1], b.cross_ok[:n, 0, :, :t]))
-        b.next[:n].copy_(nxt)
-        b.token[:n, 0].copy_(nxt)
-        b.pos[:n] += 1
-        b.slot += 1
+        return timestamp_rules(logits, b, n, self.eot, self.timestamp_begin)
 
 
 def timestamp_rules(logits: torch.Tensor, b: StepBuffers, n: int, eot: int, timestamp_begin: int,

@@ -74,10 +74,11 @@ def test_the_encoder_hears_a_short_window_as_openai_whisper_transcribe_feeds_it(
     assert (ours[:, len(audio) // 160:] == 0).all()
 
 
-def test_an_utterances_last_decode_is_openai_whispers_beam_search_with_timed_words(engine, speech_audio, monkeypatch):
+def test_an_utterances_last_decode_is_a_beam_search_that_finds_openai_whispers_words(engine, speech_audio, monkeypatch):
     """With `--final-beam-size 5`, `final` jobs (committed with no second hypothesis) are searched with
-    beam_size 5 on the batch's encoder output; the words and their times come back as from the greedy
-    loop. At the default (1) they are greedy."""
+    5 hypotheses on the engine's own decoder step: the text openai-whisper's beam search finds on the
+    same encoder output, words timed as the greedy loop times them; short windows are searched too.
+    At beam size 1 they are greedy."""
     import whisper
 
     monkeypatch.setattr(engine, "beam_size", 5)
@@ -85,23 +86,38 @@ def test_an_utterances_last_decode_is_openai_whispers_beam_search_with_timed_wor
     encoded, _, _ = engine.encode([audio])
     beam = whisper.decode(engine.model, encoded[0], whisper.DecodingOptions(language="en", beam_size=5, patience=2.0,
                                                                          fp16=False))
-    decode, searches = whisper.decode, []
-    monkeypatch.setattr(whisper, "decode", lambda *a, **k: searches.append(a[2].beam_size) or decode(*a, **k))
     final = engine.transcribe_batch([TranscribeJob(audio, final=True)])[0]
-    assert searches == [5]
     assert _text(final) == beam.text.strip()
     words = [w for s in final for w in s.words]
     assert words and all(0.0 <= w.start <= w.end <= 6.2 + 0.5 for w in words)
     assert all(a.start <= b.start for a, b in zip(words, words[1:]))
-    # windows shorter than 30 s (`bucket_seconds`) keep greedy decoding: openai-whisper's decoder
-    # takes encoder output of full windows only
+    from backends import final_search
+
+    windows, real = [], final_search._search
+    monkeypatch.setattr(final_search, "_search",
+                        lambda eng, job, enc, window, frames: windows.append(window) or real(eng, job, enc, window, frames))
     short = BatchedWhisper(engine.model, "en", bucket_seconds=10, beam_size=5)
-    assert _text(short.transcribe_batch([TranscribeJob(audio, final=True)])[0]) == \
-        _text(short.transcribe_batch([TranscribeJob(audio)])[0])
-    assert searches == [5]
+    assert "review the budget" in _text(short.transcribe_batch([TranscribeJob(audio, final=True)])[0])
+    assert windows == [500]  # one search, on the 10-s window's 500 encoder positions
+
+
+def test_the_last_decode_keeps_the_words_greedy_decoding_drops_on_real_speech(engine, monkeypatch):
+    """The father-and-child recording's last 9.6 s, prompted with the text before it as a stream
+    prompts its last decode: greedy decoding ends "... things to say." where the father says
+    "... things to say to it?"; the beam search keeps the last two words (and times them at the end)."""
+    from bench.speech_set import DEFAULT_SET, load_clips
+
+    if not (DEFAULT_SET / "manifest.tsv").exists():
+        pytest.skip(f"the real-speech set is not at {DEFAULT_SET}")
+    audio = load_clips(DEFAULT_SET, ["conversational_childes_father_child"])[0].audio()[-int(9.56 * 16000):]
+    job = TranscribeJob(audio, "Do you want your pet? Want to make this? Give me the idea.", "en", final=True)
     monkeypatch.setattr(engine, "beam_size", 1)
-    engine.transcribe_batch([TranscribeJob(audio, final=True)])
-    assert searches == [5]
+    greedy = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+    monkeypatch.setattr(engine, "beam_size", 5)
+    searched = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+    assert [w.key for w in greedy[-3:]] == ["things", "to", "say"]
+    assert [w.key for w in searched[-3:]] == ["say", "to", "it"]
+    assert searched[-1].end > greedy[-1].end + 0.2
 
 
 def test_fp16_weights_run_with_float32_layer_norms():
