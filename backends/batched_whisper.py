@@ -34,7 +34,7 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
-from .decoder_step import DecoderStep, StepBuffers, merge_heads, most_attended, pick, split_heads, timestamp_rules
+from .decoder_step import DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick, split_heads, timestamp_rules
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
@@ -142,11 +142,9 @@ class BatchedWhisper:
         if encoder_bf16 if encoder_bf16 is not None else (not self.fp16 and _cpu_has_bf16(self.device)):
             _to_dtype(self.model.encoder, torch.bfloat16)
             self.encoder_dtype = torch.bfloat16
-        # The vocabulary projection reads the whole embedding matrix every step. On the CPU it is
-        # memory-bound, and x @ W.T with W stored [vocab, d] runs about 2.5x slower than x @ Wt with
-        # Wt stored [d, vocab]: keep that copy (80 MB for tiny). CUDA keeps the shared weight.
-        self._vocab_t = (self.model.decoder.token_embedding.weight.to(self.dtype).T.contiguous()
-                         if self.device.type == "cpu" else None)
+        embedding = self.model.decoder.token_embedding.weight.to(self.dtype)
+        self._vocabulary = VocabularyProjection(
+            embedding, embedding.T.contiguous() if self.device.type == "cpu" else None)
         self._filters = mel_filters(model.device, dims.n_mels)
         self._window = torch.hann_window(N_FFT, device=model.device)
         heads = model.alignment_heads.to_dense() if model.alignment_heads.is_sparse else model.alignment_heads
@@ -383,14 +381,13 @@ class BatchedWhisper:
             out += self._alignment(weights[k:k + ENCODE_BATCH], rows[k:k + ENCODE_BATCH])
         return out
 
-    def _prefill(self, rows: list[_Row], encoded: torch.Tensor, graphs: bool | None = None):
+    def _prefill(self, rows: list[_Row], encoded: torch.Tensor, graphs: bool | None = None, room: int = 0):
         """A round's buffers with every row's forced tokens (prompt, start of transcript, AlignAtt's
-        prefix) in the self-attention cache, left-padded to one length. `encoded` is [B, T, d], or
-        [1, T, d] for rows that all decode the same audio (a beam search's hypotheses).
-        Returns (buffers, stepper, the batch it steps at, the first new token's log-probabilities
-        [B, vocab], the alignment heads' attention over the forced tokens or None)."""
+        prefix) in the self-attention cache, left-padded to one length (`room`: buffers for at least
+        that many rows). Returns (buffers, stepper, the batch it steps at, the first new token's
+        log-probabilities [B, vocab], the alignment heads' attention over the forced tokens or None)."""
         B, T = len(rows), encoded.shape[1]
-        buf, stepper = self._stepper(B, T, graphs)
+        buf, stepper = self._stepper(max(B, room), T, graphs)
         n = stepper.batch_size(B)
         stepper.sampling = any(r.temperature > 0 for r in rows)
         stepper.prepare(n, T)  # before the buffers are filled: a capture's warm-up scribbles on them
@@ -402,7 +399,7 @@ class BatchedWhisper:
             tokens[i, L0 - len(r.context):] = torch.tensor(r.context, device=dev)
         buf.key_ok[:n] = True  # rows past B are padding: let them see something, never NaN
         buf.key_ok[:B] = buf.slots[None, :] >= pads[:, None]
-        cross = self._cross_kv(encoded, buf, B)
+        cross = self._cross_kv(encoded, buf)
         positions_t = torch.arange(buf.audio_ctx, device=dev)[None, :]
         windows = torch.tensor([r.window for r in rows], device=dev)
         buf.cross_ok[:n] = positions_t[:, None, None, :] == 0
@@ -469,10 +466,10 @@ class BatchedWhisper:
                 self._step = None  # drop the old buffers and the graphs that point into them first
                 buf = StepBuffers(self.model, size, ctx, len(self._align), self.dtype, self.device)
                 self._step = DecoderStep(self.model, buf, self._align, use_graphs=True,
-                                         vocabulary=self._vocabulary(self.dtype), **self._special())
+                                         vocabulary=self._vocabulary, **self._special())
             return self._step.buf, self._step
         buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
-        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary(self.dtype),
+        return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary,
                                 **self._special())
 
     def _special(self) -> dict[str, int]:
@@ -514,14 +511,11 @@ class BatchedWhisper:
         row.sum_logprob += logprob
         return True
 
-    def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None,
-                  rows: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cross_kv(self, encoded: torch.Tensor, buf: StepBuffers | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys/values of the encoded audio, written straight
-        into `buf`'s preallocated rows when given (no second copy of them exists); one encoded row
-        is computed once and copied to all `rows`."""
+        into `buf`'s preallocated rows when given (no second copy of them exists)."""
         heads = self.dims.n_text_head
-        T = encoded.shape[1]
-        B = rows or encoded.shape[0]
+        B, T = encoded.shape[:2]
         out = []
         for layer, block in enumerate(self.model.decoder.blocks):
             attn = block.cross_attn
@@ -576,17 +570,11 @@ class BatchedWhisper:
             x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
         x = dec.ln(x)
-        logits = (x[:, -1] @ self._vocabulary(x.dtype)).float()
+        logits = self._vocabulary(x[:, -1]).float()
         extra = None
         if also_at is not None:
-            extra = (x[torch.arange(x.shape[0], device=x.device), also_at] @ self._vocabulary(x.dtype)).float()
+            extra = self._vocabulary(x[torch.arange(x.shape[0], device=x.device), also_at]).float()
         return logits, (torch.cat(captured, dim=1) if captured else None), extra
-
-    def _vocabulary(self, dtype: torch.dtype) -> torch.Tensor:
-        """The [d, vocab] projection onto the vocabulary (see `_vocab_t`)."""
-        if self._vocab_t is not None:
-            return self._vocab_t
-        return self.model.decoder.token_embedding.weight.to(dtype).T
 
     def _suppress_ids(self, tok: Tokenizer) -> torch.Tensor:
         key = id(tok)

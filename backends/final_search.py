@@ -64,9 +64,11 @@ def _search(engine: BatchedWhisper, job: TranscribeJob, encoded: torch.Tensor, w
             frames: int) -> tuple[_Row, torch.Tensor | None]:
     K = engine.beam_size
     T = encoded.shape[1]
-    rows = engine._rows([job] * K, encoded.expand(K, -1, -1), [window] * K, [frames] * K)
-    buf, stepper, _, logp, attn = engine._prefill(rows, encoded, graphs=False)
-    row, tok = rows[0], rows[0].tokenizer
+    row = engine._rows([job], encoded, [window], [frames])[0]
+    buf, stepper, _, logp, attn = engine._prefill([row], encoded, graphs=False, room=K)
+    _copy_first_row(buf, K, len(row.context))
+    stepper.shared_audio = True
+    tok = row.tokenizer
     eot, limit = tok.eot, min(row.max_new, buf.text_ctx - len(row.context) - 1)
     in_window = buf.cross_ok[:K, 0, :, :T]
     heard = engine._attended(attn, in_window)
@@ -129,6 +131,16 @@ class _Beam:
     tokens: list[int]
     total: float
     steps: list[tuple[int, int, int]]
+
+
+def _copy_first_row(buf, rows: int, slots: int) -> None:
+    """Rows 1.. start as row 0, prefilled alone: its forced tokens' cache, its masks and timestamp
+    state (the audio's cross keys/values stay in row 0 only: `DecoderStep.shared_audio`)."""
+    for cache in (*buf.self_k, *buf.self_v):
+        cache[1:rows, :, :slots] = cache[:1, :, :slots]
+    for state in (buf.key_ok, buf.cross_ok, buf.ts_mode, buf.last_ts, buf.pen_ts, buf.ts_max, buf.pos, buf.token,
+                  buf.temp):
+        state[1:rows] = state[:1]
 
 
 def _reorder(buf, sources: list[int], slots: int) -> None:
