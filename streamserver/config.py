@@ -42,9 +42,10 @@ class ServerConfig:
     trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end
     bucket_seconds: float = 0.0  # 0: every window is 30 s, as Whisper was trained (shorter ones loop on real speech)
     # An utterance's last decode, committed with no second hypothesis, searches this many hypotheses
-    # (backends/final_search.py; openai-whisper's command line and faster-whisper search 5 too). Greedy
-    # (1) dropped unsure last words on real speech; a search costs about one more decode of the buffer.
-    final_beam_size: int = 5
+    # (backends/final_search.py). 1: greedy, as openai-whisper's `transcribe` decodes by default. 5 keeps
+    # unsure last words greedy drops, but on the hoarse voice of the real-speech set it also chose fluent
+    # invented phrases, and each search costs one to three greedy decodes of the buffer (README).
+    final_beam_size: int = 1
 
     @property
     def effective_language(self) -> str:
