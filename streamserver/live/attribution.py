@@ -16,6 +16,10 @@ from .captions import SILENCE_SPEAKER
 
 # A word no turn overlaps takes the nearest turn's speaker if one is this close.
 NEAREST_TURN_SECONDS = 1.0
+# A word's line spans its speaker's turns this close to it: the diarizer hears speech Whisper writes
+# no word for (far-field, mumbled, cut short), and word times from attention are tight. A line that
+# stops at its last word leaves that speech to nobody; one that spans the turn gives it to its speaker.
+TURN_REACH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class SpeakerAttribution:
         self.waiting: list[Word | Silence] = []
         self.numbers: dict[int, int] = {}
         self.last_number: int | None = None
+        self.last_word: tuple[Word, int | None] | None = None  # the last word given out, and its label
 
     def add_turns(self, turns: list[SpeakerTurn], covered_until: float) -> None:
         self.turns.extend(turns)
@@ -49,28 +54,37 @@ class SpeakerAttribution:
         else:
             self.waiting.append(Silence(start, end))
 
-    def take_ready(self, everything: bool = False) -> list[tuple[Word | Silence, int]]:
+    def take_ready(self, everything: bool = False) -> list[tuple[Word | Silence, int, tuple[float, float]]]:
         """Words whose time the diarizer has covered (all of them with `everything`), with speaker
-        numbers, and the silences between them (speaker -2), in time order."""
-        ready: list[tuple[Word | Silence, int]] = []
+        numbers and the span of their speaker's turns around them (`TURN_REACH_SECONDS`), and the
+        silences between them (speaker -2), in time order."""
+        ready: list[tuple[Word | Silence, int, tuple[float, float]]] = []
         while self.waiting:
             item = self.waiting[0]
             if isinstance(item, Silence):
-                ready.append((self.waiting.pop(0), SILENCE_SPEAKER))
+                ready.append((self.waiting.pop(0), SILENCE_SPEAKER, (item.start, item.end)))
             elif everything or item.end <= self.covered_until:
-                ready.append((self.waiting.pop(0), self._number_of(item)))
+                label = self._label_of(item)
+                ready.append((self.waiting.pop(0), self._number(label), self._span(item, label)))
+                self.last_word = (item, label)
             else:
                 break
         if ready:
             self._forget_turns_before(ready[-1][0].start - NEAREST_TURN_SECONDS)
         return ready
 
+    def reach_of_last(self) -> float | None:
+        """Where the turn of the last word given out ends, as far as the diarizer has heard now: its
+        line may end there (the turn's end arrives after the word, the diarizer being behind)."""
+        if self.last_word is None:
+            return None
+        return self._span(*self.last_word)[1]
+
     @property
     def waiting_text(self) -> str:
         return join_words([w for w in self.waiting if isinstance(w, Word)])
 
-    def _number_of(self, word: Word) -> int:
-        label = self._label_of(word)
+    def _number(self, label: int | None) -> int:
         if label is None:
             number = self.last_number or 1
         else:
@@ -90,6 +104,13 @@ class SpeakerAttribution:
         if nearest is not None and _gap(nearest, word) <= NEAREST_TURN_SECONDS:
             return nearest.speaker
         return None
+
+    def _span(self, word: Word, label: int | None) -> tuple[float, float]:
+        start, end = word.start, word.end
+        for t in self.turns:
+            if t.speaker == label and t.end > word.start - TURN_REACH_SECONDS and t.start < word.end + TURN_REACH_SECONDS:
+                start, end = min(start, t.start), max(end, t.end)
+        return start, end
 
     def _forget_turns_before(self, t: float) -> None:
         self.turns = [turn for turn in self.turns if turn.end >= t]

@@ -101,7 +101,7 @@ class Session:
         else:
             self.policy = LocalAgreementPolicy(trim_seconds=options.trim_seconds, language=options.language,
                                                searched_finals=getattr(models.asr, "beam_size", 1) > 1)
-        self.transcript = Transcript()
+        self.transcript = Transcript(turn_gap=options.silence_line_seconds if models.diarizer is not None else None)
         self.diarizer = models.diarizer
         self.diarizer_state = self.diarizer.new_state() if self.diarizer is not None else None
         self.attribution = SpeakerAttribution() if self.diarizer is not None else None
@@ -237,11 +237,14 @@ class Session:
 
     def _attribute(self, everything: bool = False) -> None:
         if self.attribution is not None:
-            for item, speaker in self.attribution.take_ready(everything):
+            for item, speaker, span in self.attribution.take_ready(everything):
                 if speaker == SILENCE_SPEAKER:
                     self.transcript.add_silence(item.start, item.end)
                 else:
-                    self.transcript.add_words([item], speaker)
+                    self.transcript.add_words([item], speaker, span)
+            reach = self.attribution.reach_of_last()
+            if reach is not None and not self.attribution.waiting:
+                self.transcript.reach(reach)
 
     def _speech_ends(self, sample: int) -> Steps:
         """The VAD's end of speech at `sample`. The policy may already hold the pause after it

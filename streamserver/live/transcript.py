@@ -3,6 +3,10 @@
 A line is one speaker's run of words; a long enough silence is a line of its
 own (speaker -2). Lines only grow at the end: a committed line's text never
 changes, which is what lets clients render them once.
+
+With speakers (a diarizer), a line is a speaker's turn: it spans the turn the
+diarizer heard around its words (`span`), not only the words, and a speaker's
+words `turn_gap` seconds or more after their previous word start a new line.
 """
 from __future__ import annotations
 
@@ -14,20 +18,33 @@ from .captions import SILENCE_SPEAKER, Line, SpokenWord
 
 
 class Transcript:
-    def __init__(self) -> None:
+    def __init__(self, turn_gap: float | None = None) -> None:
         self.lines: list[Line] = []
         self.words: list[SpokenWord] = []  # every committed word, with its speaker
+        self.turn_gap = turn_gap
 
-    def add_words(self, words: list[Word], speaker: int = 1) -> None:
+    def add_words(self, words: list[Word], speaker: int = 1, span: tuple[float, float] | None = None) -> None:
+        """`span`: the stretch of the speaker's turn around these words (the line covers it)."""
         for w in words:
-            self.words.append(SpokenWord(w.text.strip(), w.start, w.end, speaker))
+            lo, hi = (min(span[0], w.start), max(span[1], w.end)) if span else (w.start, w.end)
             last = self.lines[-1] if self.lines else None
-            if last is not None and last.speaker == speaker:
+            if last is not None and last.speaker == speaker and not self._new_turn(w):
                 text = (last.text + w.text) if last.text else w.text.strip()
-                self.lines[-1] = replace(last, text=text.strip(), end=max(last.end, w.end))
+                self.lines[-1] = replace(last, text=text.strip(), end=max(last.end, hi))
             else:
-                start = max(w.start, last.end) if last is not None else w.start
-                self.lines.append(Line(speaker, w.text.strip(), start, max(w.end, start)))
+                start = max(lo, last.end) if last is not None else lo
+                self.lines.append(Line(speaker, w.text.strip(), start, max(hi, start)))
+            self.words.append(SpokenWord(w.text.strip(), w.start, w.end, speaker))
+
+    def reach(self, end: float) -> None:
+        """The last line's speaker went on speaking (without words) until `end`: the line ends there,
+        when it is still the last one (a silence line after it closed it)."""
+        last = self.lines[-1] if self.lines else None
+        if last is not None and last.speaker != SILENCE_SPEAKER and end > last.end:
+            self.lines[-1] = replace(last, end=end)
+
+    def _new_turn(self, word: Word) -> bool:
+        return self.turn_gap is not None and bool(self.words) and word.start - self.words[-1].end >= self.turn_gap
 
     def add_silence(self, start: float, end: float) -> None:
         """A silence from `start` to `end`; extends the last line when that is the same silence."""
