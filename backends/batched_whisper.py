@@ -34,7 +34,8 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
-from .decoder_step import DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick, split_heads, timestamp_rules
+from .decoder_step import (DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick,
+                           split_heads, timestamp_rules)
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions

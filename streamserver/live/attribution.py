@@ -108,7 +108,7 @@ class SpeakerAttribution:
     def _span(self, word: Word, label: int | None) -> tuple[float, float]:
         start, end = word.start, word.end
         for t in self.turns:
-            if t.speaker == label and t.end > word.start - TURN_REACH_SECONDS and t.start < word.end + TURN_REACH_SECONDS:
+            if t.speaker == label and _gap(t, word) < TURN_REACH_SECONDS:
                 start, end = min(start, t.start), max(end, t.end)
         return start, end
 

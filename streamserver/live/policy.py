@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words, without_repeats
+from backends.asr_types import (DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words,
+                                without_repeats)
 
 SAMPLE_RATE = 16000
 
