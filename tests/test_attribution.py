@@ -76,3 +76,38 @@ def test_with_speakers_a_gap_of_turn_gap_seconds_starts_a_new_line_for_the_same_
     plain = Transcript()  # without speakers, lines break at silence lines only
     plain.add_words([w(0.0, "one"), w(5.0, "four")])
     assert [ln.text for ln in plain.lines] == ["one four"]
+
+
+def test_a_line_spans_the_whole_turn_the_diarizer_gave_out_in_pieces():
+    """A streaming diarizer gives a turn out half a second at a time: a word at the turn's end takes
+    its line back to where the speaker began (the pieces touch), not only to the pieces next to it;
+    a piece of the same speaker after a real pause is another turn."""
+    a = SpeakerAttribution()
+    t = Transcript(turn_gap=2.0)
+    pieces = [SpeakerTurn(0.5 * i, 0.5 * i + 0.5, 0) for i in range(8)]  # 0.0 .. 4.0
+    a.add_turns(pieces + [SpeakerTurn(6.0, 6.5, 0)], 6.5)
+    a.add_words([w(3.5, "late")])
+    for item, n, span in a.take_ready():
+        t.add_words([item], n, span)
+    assert (t.lines[0].start, t.lines[0].end) == (0.0, 4.0)
+
+
+def test_another_speakers_line_may_begin_before_the_line_before_it_ends():
+    """People talk over each other: the second speaker's line starts where the diarizer heard them
+    start, inside the first speaker's line, but never before that line begins; a speaker's own new
+    line, a silence line, and captions without speakers never overlap."""
+    t = Transcript(turn_gap=2.0)
+    t.add_words([w(0.0, "so"), w(0.5, "then")], 1, (0.0, 3.0))
+    t.add_words([w(2.6, "yes")], 2, (2.2, 3.0))
+    assert [(ln.speaker, ln.start, ln.end) for ln in t.lines] == [(1, 0.0, 3.0), (2, 2.2, 3.0)]
+    t.add_words([w(3.5, "but")], 1, (2.9, 4.0))  # back to the first speaker, overlapping the second's line
+    t.add_words([w(6.5, "and")], 1, (3.0, 7.0))  # 2.6 s later: the first speaker's new line after their own
+    assert [(ln.speaker, ln.start) for ln in t.lines][2:] == [(1, 2.9), (1, 4.0)]
+    t.add_silence(7.0, 10.0)
+    t.add_words([w(10.2, "ok")], 2, (9.0, 10.6))
+    assert (t.lines[-1].speaker, t.lines[-1].start) == (2, 10.0)
+    plain = Transcript()
+    plain.add_words([w(0.0, "so")], 1, (0.0, 3.0))
+    plain.add_words([w(2.6, "yes")], 2, (2.2, 3.0))
+    assert [ln.start for ln in plain.lines] == [0.0, 3.0]
+    assert all(a.start <= b.start for a, b in zip(t.lines, t.lines[1:]))

@@ -106,10 +106,21 @@ class SpeakerAttribution:
         return None
 
     def _span(self, word: Word, label: int | None) -> tuple[float, float]:
+        """The speaker's turn around the word: their turns that touch it or each other (gaps under
+        `TURN_REACH_SECONDS`). A streaming diarizer gives a turn out in pieces as it hears it, so one
+        turn is the chain of its pieces, not only the pieces next to the word."""
         start, end = word.start, word.end
-        for t in self.turns:
-            if t.speaker == label and _gap(t, word) < TURN_REACH_SECONDS:
+        mine = [t for t in self.turns if t.speaker == label]
+        for t in sorted(mine, key=lambda t: t.start):  # forwards, as far as the pieces touch
+            if t.start - end >= TURN_REACH_SECONDS:
+                break
+            if t.end > start - TURN_REACH_SECONDS:
                 start, end = min(start, t.start), max(end, t.end)
+        for t in sorted(mine, key=lambda t: t.end, reverse=True):  # and backwards
+            if start - t.end >= TURN_REACH_SECONDS:
+                break
+            if t.start < end + TURN_REACH_SECONDS:
+                start = min(start, t.start)
         return start, end
 
     def _forget_turns_before(self, t: float) -> None:

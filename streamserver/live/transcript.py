@@ -32,7 +32,7 @@ class Transcript:
                 text = (last.text + w.text) if last.text else w.text.strip()
                 self.lines[-1] = replace(last, text=text.strip(), end=max(last.end, hi))
             else:
-                start = max(lo, last.end) if last is not None else lo
+                start = self._new_line_start(lo, speaker)
                 self.lines.append(Line(speaker, w.text.strip(), start, max(hi, start)))
             self.words.append(SpokenWord(w.text.strip(), w.start, w.end, speaker))
 
@@ -42,6 +42,17 @@ class Transcript:
         last = self.lines[-1] if self.lines else None
         if last is not None and last.speaker != SILENCE_SPEAKER and end > last.end:
             self.lines[-1] = replace(last, end=end)
+
+    def _new_line_start(self, start: float, speaker: int) -> float:
+        """Lines follow one another in time. With speakers, another speaker's line may begin before
+        the one before it ends, never before it begins: people talk over each other, and a line is
+        its speaker's turn as the diarizer heard it. A speaker never overlaps their own line, and a
+        silence line is a real gap: nothing begins inside either."""
+        last = self.lines[-1] if self.lines else None
+        if last is None:
+            return start
+        overlap = self.turn_gap is not None and last.speaker not in (speaker, SILENCE_SPEAKER)
+        return max(start, last.start if overlap else last.end)
 
     def _new_turn(self, word: Word) -> bool:
         return self.turn_gap is not None and bool(self.words) and word.start - self.words[-1].end >= self.turn_gap
