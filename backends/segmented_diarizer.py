@@ -12,7 +12,7 @@ embeddings:
    from the frames where they speak alone (all their frames if they never do);
 3. all of the stream's local-speaker embeddings are clustered again (`speaker_clusters`), so a
    voice's identity firms up as evidence accumulates; `stable_labels` keeps labels given out;
-4. a frame is given out `LATENCY_SECONDS` (5 s) after it was heard: the windows that saw it vote, each
+4. a frame is given out `LATENCY_SECONDS` after it was heard: the windows that saw it vote, each
    local speaker for its cluster (a Hamming weight favours windows that saw the frame in their
    middle), and as many speakers as the windows heard on average are active;
 5. speech the VAD heard (a Silero region, pauses under `REGION_GAP_SECONDS` bridged) that the
@@ -47,12 +47,7 @@ STEP_SECONDS = 1.0  # a stream's new window every second: each frame is seen by 
 # (pooled over ../shared/speech, whole: 19.4 % against 20.4 % at 1 s, 22.2 % at 2 s; streamed it
 # gained nothing, 23.3 % either way, at twice the cost).
 WHOLE_STEP_SECONDS = 0.5
-# A frame's speaker is given out this long after it was heard: half a window, so that the window that
-# saw the frame in its middle (the one the Hamming vote trusts most: the network hears speech on both
-# sides of it there) has voted. At 3 s every vote came from a window's last 3 s (pooled streamed DER
-# over ../shared/speech 23.3 %; 21.8 % at 4 s, 21.9 % at 5 s, 21.4 % at 8 s; live captions 25.8 -> 24.9 %
-# in-process on the same words).
-LATENCY_SECONDS = WINDOW_SECONDS / 2
+LATENCY_SECONDS = 3.0  # a frame's speaker is given out this long after it was heard (seen by 3 windows)
 THRESHOLD = 0.3  # CAM++ cosine distance between local speakers' embeddings (several seconds each)
 MIN_SIZE = 3  # local-speaker embeddings a cluster needs to be a speaker
 MIN_EMBED_SECONDS = 0.4  # a local speaker with less speech in a window is not embedded
