@@ -601,7 +601,8 @@ class BatchedWhisper:
         words, word_tokens = words[:-1], word_tokens[:-1]
         if row.job.prefix.strip() or row.stop_at is not None:
             starts, ends = _attended_times(row.heard, word_tokens)  # DTW needs the whole text; this is the new part
-            timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)])
+            timed = _merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)],
+                                       continues=bool(row.job.prefix.strip()))
         else:
             starts, ends = _word_times(matrix, word_tokens, row.frames)
             timed = _unstretched(_merge_punctuation([Word(s, e, w) for w, s, e in zip(words, starts, ends)]))
@@ -688,11 +689,17 @@ def _unstretched(words: list[Word]) -> list[Word]:
     return out
 
 
-def _merge_punctuation(words: list[Word]) -> list[Word]:
-    """A word that is only punctuation joins the word before it (as openai-whisper's merge does)."""
+def _merge_punctuation(words: list[Word], continues: bool = False) -> list[Word]:
+    """A word that is only punctuation joins the word before it (as openai-whisper's merge does).
+    Leading the text it says nothing and is dropped (a decode of noise that is only " ." would
+    otherwise be a caption line of its own); unless the words `continue` a forced prefix, whose
+    last word the period ends."""
     out: list[Word] = []
     for w in words:
-        if out and w.text.strip() and all(c in string.punctuation for c in w.text.strip()) and not w.text.startswith(" "):
+        bare = w.text.strip() and all(c in string.punctuation for c in w.text.strip())
+        if bare and not out and not continues:
+            continue
+        if bare and out and not w.text.startswith(" "):
             prev = out[-1]
             out[-1] = Word(prev.start, max(prev.end, w.start), prev.text + w.text)
         else:

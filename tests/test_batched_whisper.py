@@ -6,7 +6,7 @@ import pytest
 import torch
 from whisper.model import Whisper
 
-from backends.asr_types import TranscribeJob
+from backends.asr_types import TranscribeJob, Word
 from backends.batched_whisper import BatchedWhisper
 from bench.metrics import wer
 from tests.random_whisper import dims_for
@@ -184,3 +184,16 @@ def test_a_word_the_alignment_stretched_over_a_pause_keeps_only_its_own_length()
     assert fixed[0].end == 6.3 and 5.5 < fixed[0].start < 6.3  # the pause was before the first word
     assert fixed[5].start == 7.4 and 7.4 < fixed[5].end < 8.2  # and after the sentence's last one
     assert fixed[1:5] == words[1:5] and fixed[6] == words[6]
+
+
+def test_punctuation_with_no_word_before_it_is_no_word():
+    """A decode of noise that says only " ." gives nothing to caption (it made a line "." of its own,
+    with a speaker, over the noise); after a word a period joins it; continuing a forced prefix
+    (AlignAtt) the period ends the prefix's last word, so it is kept."""
+    from backends.batched_whisper import _merge_punctuation
+
+    assert _merge_punctuation([Word(0.0, 0.68, " .")]) == []
+    assert [w.text for w in _merge_punctuation([Word(0.0, 0.1, ","), Word(0.1, 0.5, " Hi"), Word(0.5, 0.6, ".")])] \
+        == [" Hi."]
+    assert [w.text for w in _merge_punctuation([Word(0.0, 0.1, "."), Word(0.2, 0.5, " So")], continues=True)] \
+        == [".", " So"]
