@@ -121,13 +121,22 @@ def test_the_last_decode_keeps_the_words_greedy_decoding_drops_on_real_speech(en
 
 
 def test_fp16_weights_run_with_float32_layer_norms():
+    """Half-precision weights encode and decode (layer norms in float32, no overflow). Random weights
+    say random tokens, so what is checked is that the audio encodes to finite values and the forced
+    tokens are decoded, not which words survive the text rules (a random decode may be punctuation)."""
     torch.manual_seed(0)
     engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en", fp16=True)
     engine.force_tokens_per_second = 3.0
     engine.max_tokens_per_second = 3.0
-    out = engine.transcribe_batch([TranscribeJob(np.random.default_rng(0).standard_normal(16000).astype(np.float32))])
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    encoded = engine.encode([audio])[0]
     assert next(engine.model.parameters()).dtype == torch.float16
-    assert len([w for s in out[0] for w in s.words]) >= 1
+    assert torch.isfinite(encoded.float()).all()
+    decoded = []
+    real = engine._segments
+    engine._segments = lambda row, matrix: decoded.append(list(row.text_tokens)) or real(row, matrix)
+    out = engine.transcribe_batch([TranscribeJob(audio)])
+    assert len(out) == 1 and len(decoded) >= 1 and len(decoded[-1]) >= 1
 
 
 def test_a_multilingual_model_without_a_language_detects_one_per_stream():
