@@ -18,8 +18,10 @@ Batched and one-at-a-time decoding give the same transcript (tested).
 """
 from __future__ import annotations
 
+import logging
 import math
 import string
+import time
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,6 +38,8 @@ from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import (DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick,
                            split_heads, timestamp_rules)
+
+log = logging.getLogger("backends.batched_whisper")
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions
@@ -258,8 +262,34 @@ class BatchedWhisper:
         return int((torch.cuda.max_memory_allocated(self.device) - base) / streams)
 
     def warm_up(self) -> None:
+        """A first decode (kernels picked, caches filled) and, with CUDA graphs, the decoder step's
+        buffers for `max_batch` rows and its graph for every batch a round can run at (greedy and
+        sampling), for every window length: a graph captured when a round first reaches a new batch
+        size holds that round, and so every stream of the device, up by the capture."""
         t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+        if self._graphs:
+            self._capture_graphs()
         self.transcribe(0.01 * np.sin(2 * np.pi * 220 * t).astype(np.float32))
+
+    def _capture_graphs(self) -> None:
+        started = time.perf_counter()
+        positions = self._window_positions()
+        _, step = self._stepper(self.max_batch, positions[-1])
+        sizes = sorted({step.batch_size(rows) for rows in range(1, self.max_batch + 1)})
+        for t in positions:
+            for sampling in (False, True):
+                step.sampling = sampling
+                for n in sizes:
+                    step.prepare(n, t)
+        step.sampling = False
+        log.info("decoder step: %d CUDA graphs (batches %s, %d window length(s)) in %.1f s",
+                 len(step.graphs), sizes, len(positions), time.perf_counter() - started)
+
+    def _window_positions(self) -> list[int]:
+        """Every encoder width a round can have: one per window bucket (just 1500, 30 s, by default)."""
+        buckets = math.ceil(30.0 / self.bucket_seconds) if self.bucket_seconds else 1
+        seconds = [min(30.0, k * self.bucket_seconds) if self.bucket_seconds else 30.0 for k in range(1, buckets + 1)]
+        return sorted({int(x * FRAMES_PER_SECOND) // 2 for x in seconds})
 
     # -- audio → encoder ----------------------------------------------------
     def _bucket_frames(self, samples: int) -> int:

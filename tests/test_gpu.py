@@ -54,3 +54,26 @@ def test_cuda_graph_decoding_matches_eager_decoding():
     eager, graphed = run(False), run(True)
     assert graphed == eager
     assert all(words for words in eager)
+
+
+def test_warm_up_captures_every_graph_a_round_needs():
+    """After a device's models load, no round captures a CUDA graph or grows the step's buffers:
+    a capture on the live path holds up every stream of the device."""
+    from whisper.model import Whisper
+
+    from backends.asr_types import TranscribeJob
+    from backends.batched_whisper import BatchedWhisper
+    from tests.random_whisper import dims_for
+
+    torch.manual_seed(0)
+    engine = BatchedWhisper(Whisper(dims_for("tiny.en")).to("cuda:0"), "en", max_batch=8)
+    engine.force_tokens_per_second = 4.0
+    engine.max_tokens_per_second = 4.0
+    engine.warm_up()
+    step, graphs = engine._step, dict(engine._step.graphs)
+    assert step.buf.rows == 8 and {(n, s) for n, _, s in graphs} == {(n, s) for n in (1, 2, 4, 8) for s in (False, True)}
+    rng = np.random.default_rng(0)
+    for streams in (3, 8, 5):
+        jobs = [TranscribeJob((0.05 * rng.standard_normal(16000 * 4)).astype(np.float32)) for _ in range(streams)]
+        assert all(segs is not None for segs in engine.transcribe_batch(jobs))
+    assert engine._step is step and step.graphs == graphs
