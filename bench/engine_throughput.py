@@ -1,6 +1,6 @@
 """How many streams one device's batched Whisper can keep up with: round time and memory per stream.
 
-    python bench/engine_throughput.py --model small --random --streams 1,8,32,64,128,256 [--device cuda]
+    python bench/engine_throughput.py --model small --random --streams 1,32,64,128,256 [--device cuda]
 
 Runs the server's `BatchedWhisper` in-process (no sockets) on rounds shaped like
 LocalAgreement's live load: every stream has an audio buffer of a different
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends.asr_types import TranscribeJob  # noqa: E402
 from backends.batched_whisper import BatchedWhisper  # noqa: E402
+from streamserver.config import ServerConfig  # noqa: E402
 
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -70,8 +71,9 @@ def main() -> None:
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--max-buffer", type=float, default=12.0)
     ap.add_argument("--tokens-per-second", type=float, default=4.0)
-    ap.add_argument("--bucket-seconds", type=float, default=5.0)
-    ap.add_argument("--max-batch", type=int, default=256)
+    # The server's defaults: 30-s windows (0), 32 streams per batched call.
+    ap.add_argument("--bucket-seconds", type=float, default=ServerConfig.bucket_seconds)
+    ap.add_argument("--max-batch", type=int, default=ServerConfig.max_batch)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-graphs", action="store_true", help="run the decoder step eagerly on CUDA too")
     args = ap.parse_args()
