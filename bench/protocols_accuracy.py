@@ -123,7 +123,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import whisper
 
-    from bench.speech_set import DEFAULT_SET, edit_counts, load_clips
+    from bench.speech_set import DEFAULT_SET, load_clips, pooled_wer
     from streamserver.app import create_app
     from streamserver.config import ServerConfig
     from tests.live import serve_app
@@ -145,8 +145,7 @@ def main() -> None:
     texts.update({"asr": [r.text for r in asr], "openai": [t for t, _ in oa], "deepgram": [t for t, _ in dg]})
     print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of real speech, model {args.model}")
     for name, hyps in texts.items():
-        counts = [edit_counts(c.reference, h) for c, h in zip(clips, hyps)]
-        print(f"{name:9s} pooled WER {100 * sum(e for e, _ in counts) / sum(n for _, n in counts):5.1f} %")
+        print(f"{name:9s} pooled WER {100 * pooled_wer((c.reference, h) for c, h in zip(clips, hyps)):5.1f} %")
     print(f"mean encoder batch {batch:.2f}")
 
 

@@ -121,6 +121,12 @@ def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
     return edit_distance(ref, normalised_words(hypothesis)), len(ref)
 
 
+def pooled_wer(pairs) -> float:
+    """Pooled WER of (reference, hypothesis) pairs: all word edits over all reference words."""
+    counts = [edit_counts(reference, hypothesis) for reference, hypothesis in pairs]
+    return sum(e for e, _ in counts) / max(sum(n for _, n in counts), 1)
+
+
 def wer(reference: str, hypothesis: str) -> float:
     edits, n = edit_counts(reference, hypothesis)
     return edits / max(n, 1)

@@ -19,10 +19,11 @@ import asyncio
 import pytest
 
 from bench.accuracy import post_file_to, stream_clip
-from bench.speech_set import DEFAULT_SET, edit_counts, load_clips, lost_ending, new_repeats
+from bench.speech_set import lost_ending, new_repeats
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
 from tests.live import serve_app
+from tests.real_speech import offline_pooled_wer, pooled, real_clips
 
 pytestmark = pytest.mark.slow
 
@@ -33,25 +34,12 @@ BOUND = 0.05
 
 @pytest.fixture(scope="module")
 def clips():
-    if not (DEFAULT_SET / "manifest.tsv").exists():
-        pytest.skip(f"the real-speech set is not at {DEFAULT_SET}")
-    found = load_clips(DEFAULT_SET, CLIPS)
-    assert sorted(c.name for c in found) == sorted(CLIPS)
-    return found
+    return real_clips(CLIPS)
 
 
 @pytest.fixture(scope="module")
 def offline_wer(clips, tiny_en_checkpoint) -> float:
-    """openai-whisper's `transcribe`, default options, the same converted weights."""
-    import whisper
-
-    model = whisper.load_model(str(tiny_en_checkpoint), device="cpu")
-    return pooled(clips, {c.name: model.transcribe(c.audio(), language="en", fp16=False)["text"] for c in clips})
-
-
-def pooled(clips, texts: dict[str, str]) -> float:
-    counts = [edit_counts(c.reference, texts[c.name]) for c in clips]
-    return sum(e for e, _ in counts) / sum(n for _, n in counts)
+    return offline_pooled_wer(clips, tiny_en_checkpoint)
 
 
 def no_failures(clips, texts: dict[str, str]) -> None:

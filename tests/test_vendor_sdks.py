@@ -14,10 +14,10 @@ import asyncio
 import pytest
 
 from bench.protocols_accuracy import all_protocols, mean_encoder_batch
-from bench.speech_set import DEFAULT_SET, edit_counts, load_clips
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
 from tests.live import serve_app
+from tests.real_speech import offline_pooled_wer, pooled, real_clips
 
 pytestmark = pytest.mark.slow
 
@@ -27,24 +27,12 @@ BOUND = 0.05
 
 @pytest.fixture(scope="module")
 def clips():
-    if not (DEFAULT_SET / "manifest.tsv").exists():
-        pytest.skip(f"the real-speech set is not at {DEFAULT_SET}")
-    found = load_clips(DEFAULT_SET, CLIPS)
-    assert sorted(c.name for c in found) == sorted(CLIPS)
-    return found
+    return real_clips(CLIPS)
 
 
 @pytest.fixture(scope="module")
 def offline_wer(clips, tiny_en_checkpoint) -> float:
-    import whisper
-
-    model = whisper.load_model(str(tiny_en_checkpoint), device="cpu")
-    return _pooled(clips, {c.name: model.transcribe(c.audio(), language="en", fp16=False)["text"] for c in clips})
-
-
-def _pooled(clips, texts: dict[str, str]) -> float:
-    counts = [edit_counts(c.reference, texts[c.name]) for c in clips]
-    return sum(e for e, _ in counts) / sum(n for _, n in counts)
+    return offline_pooled_wer(clips, tiny_en_checkpoint)
 
 
 def test_both_vendor_sdks_and_asr_transcribe_real_speech_together_as_right_as_offline(clips, offline_wer,
@@ -61,7 +49,7 @@ def test_both_vendor_sdks_and_asr_transcribe_real_speech_together_as_right_as_of
         "deepgram": dict(zip(names, (t for t, _ in dg))),
     }
     for protocol, by_clip in texts.items():
-        assert _pooled(clips, by_clip) <= offline_wer + BOUND, (protocol, _pooled(clips, by_clip), offline_wer, by_clip)
+        assert pooled(clips, by_clip) <= offline_wer + BOUND, (protocol, pooled(clips, by_clip), offline_wer, by_clip)
     for _, events in oa:
         _openai_order(events)
     for _, messages in dg:
