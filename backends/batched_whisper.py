@@ -23,7 +23,7 @@ import math
 import string
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -181,48 +181,21 @@ class BatchedWhisper:
         if not live:
             return out
         encoded, windows, frames = self.encode([jobs[i].audio for i in live])
-        # A prompt is the stream's committed text before its buffer, and a wrong one can pull a decode
-        # off the audio (an utterance's last decode ended "things to say." where the speaker goes on
-        # "to say to it?", the committed text before it being mostly wrong). So an utterance's last
-        # decode, which nothing checks after it, is also decoded without the prompt, in the same
-        # batch, and the likelier of the two is kept: a right prompt makes its words likelier, a
-        # wrong one less likely.
-        batch = [jobs[i] for i in live]
-        source = list(range(len(live)))
-        alternative: dict[int, int] = {}
-        for k, job in enumerate(list(batch)):
-            if job.final and job.prompt.strip() and not self.force_tokens_per_second:
-                alternative[k] = len(batch)
-                batch.append(replace(job, prompt=""))
-                source.append(k)
-        if alternative:
-            encoded, windows, frames = encoded[source], [windows[k] for k in source], [frames[k] for k in source]
-        decoded = self._decode_jobs(batch, encoded, windows, frames)
-        for k, other in alternative.items():
-            decoded[k] = max(decoded[k], decoded[other], key=lambda found: _likelihood(found[0]))
-        for k, i in enumerate(live):
-            row, w = decoded[k]
-            out[i] = [] if row.silent or self._untrusted(row) else self._segments(row, w)
-        return out
-
-    def _decode_jobs(self, jobs: list[TranscribeJob], encoded: torch.Tensor, windows: list[int],
-                     frames: list[int]) -> list[tuple[_Row, np.ndarray | None]]:
-        """Each job's decoded row and alignment matrix (row k decodes encoded[k])."""
         final: dict[int, tuple[_Row, np.ndarray | None]] = {}
         # An utterance's last decode, which nothing will check after it, is a beam search (at most
         # `searches_per_round` of them: each is a decode of its own, and the round waits for it);
         # one that fails the quality checks joins the greedy rows below and their fallback.
-        searched = [k for k, job in enumerate(jobs) if final_search.searchable(self, job)]
+        searched = [k for k, i in enumerate(live) if final_search.searchable(self, jobs[i])]
         for k in searched[: self.searches_per_round]:
-            found = final_search.search(self, jobs[k], encoded[k:k + 1], windows[k], frames[k])
+            found = final_search.search(self, jobs[live[k]], encoded[k:k + 1], windows[k], frames[k])
             if found is not None and (found[0].silent or not found[0].degenerate):
                 final[k] = found
-        todo = [k for k in range(len(jobs)) if k not in final]
+        todo = [k for k in range(len(live)) if k not in final]
         # openai-whisper's fallback: rows whose decode is degenerate are decoded again, sampling at
         # the next temperature; a row that is silence, or good, keeps its decode.
         for temperature in self.temperatures if todo else ():
-            sub = encoded if len(todo) == len(jobs) else encoded[todo]
-            rows = self._rows([jobs[k] for k in todo], sub, [windows[k] for k in todo],
+            sub = encoded if len(todo) == len(live) else encoded[todo]
+            rows = self._rows([jobs[live[k]] for k in todo], sub, [windows[k] for k in todo],
                               [frames[k] for k in todo], temperature)
             weights = self._decode(rows, sub)
             retry = []
@@ -233,7 +206,10 @@ class BatchedWhisper:
             if not retry:
                 break
             todo = retry
-        return [final[k] for k in range(len(jobs))]
+        for k, i in enumerate(live):
+            row, w = final[k]
+            out[i] = [] if row.silent or self._untrusted(row) else self._segments(row, w)
+        return out
 
     def _untrusted(self, row: _Row) -> bool:
         """A continuation of committed text (AlignAtt's forced prefix) that failed the checks at every
@@ -663,12 +639,6 @@ class BatchedWhisper:
         # The last guard: temperature fallback removes most loops, but looped text must never reach
         # a caption or a file's result, whatever produced it.
         return _sentences(without_repeats(timed, degenerate=row.compression_ratio > COMPRESSION_RATIO_LIMIT))
-
-
-def _likelihood(row: _Row) -> tuple[bool, float]:
-    """How a decode ranks among decodes of the same audio: one that passes the quality checks first,
-    then the higher mean token log-probability."""
-    return (not row.silent and not row.degenerate, row.avg_logprob)
 
 
 def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames: int) -> tuple[list[float], list[float]]:

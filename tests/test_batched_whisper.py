@@ -101,25 +101,23 @@ def test_an_utterances_last_decode_is_a_beam_search_that_finds_openai_whispers_w
     assert windows == [500]  # one search, on the 10-s window's 500 encoder positions
 
 
-def test_the_last_decode_keeps_the_words_a_wrong_prompt_drops_on_real_speech(engine, monkeypatch):
-    """The father-and-child recording's last 9.6 s, prompted with the (mostly wrong) text a stream
-    committed before it: decoded greedily with that prompt it ends "... things to say." where the
-    father says "... things to say to it?". As an utterance's last decode it is also decoded without
-    the prompt, which is likelier and keeps the last words ("to me"), and so does the beam search."""
+def test_the_last_decode_keeps_the_words_greedy_decoding_drops_on_real_speech(engine, monkeypatch):
+    """The father-and-child recording's last 9.6 s, prompted with the text before it as a stream
+    prompts its last decode: greedy decoding ends "... things to say." where the father says
+    "... things to say to it?"; the beam search keeps the last two words (and times them at the end)."""
     from bench.speech_set import DEFAULT_SET, load_clips
 
     if not (DEFAULT_SET / "manifest.tsv").exists():
         pytest.skip(f"the real-speech set is not at {DEFAULT_SET}")
     audio = load_clips(DEFAULT_SET, ["conversational_childes_father_child"])[0].audio()[-int(9.56 * 16000):]
-    prompt = "Do you want your pet? Want to make this? Give me the idea."
+    job = TranscribeJob(audio, "Do you want your pet? Want to make this? Give me the idea.", "en", final=True)
     monkeypatch.setattr(engine, "beam_size", 1)
-    prompted = [w for s in engine.transcribe_batch([TranscribeJob(audio, prompt, "en")])[0] for w in s.words]
-    last = [w for s in engine.transcribe_batch([TranscribeJob(audio, prompt, "en", final=True)])[0] for w in s.words]
+    greedy = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
     monkeypatch.setattr(engine, "beam_size", 5)
-    searched = [w for s in engine.transcribe_batch([TranscribeJob(audio, prompt, "en", final=True)])[0] for w in s.words]
-    assert [w.key for w in prompted[-3:]] == ["things", "to", "say"]
-    assert [w.key for w in last[-3:-1]] == ["say", "to"] and last[-1].end > prompted[-1].end + 0.2
-    assert [w.key for w in searched[-3:-1]] == ["say", "to"] and searched[-1].end > prompted[-1].end + 0.2
+    searched = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+    assert [w.key for w in greedy[-3:]] == ["things", "to", "say"]
+    assert [w.key for w in searched[-3:]] == ["say", "to", "it"]
+    assert searched[-1].end > greedy[-1].end + 0.2
 
 
 def test_fp16_weights_run_with_float32_layer_norms():
