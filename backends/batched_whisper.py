@@ -287,15 +287,14 @@ class BatchedWhisper:
 
     def _window_positions(self) -> list[int]:
         """Every encoder width a round can have: one per window bucket (just 1500, 30 s, by default)."""
-        buckets = math.ceil(30.0 / self.bucket_seconds) if self.bucket_seconds else 1
-        seconds = [min(30.0, k * self.bucket_seconds) if self.bucket_seconds else 30.0 for k in range(1, buckets + 1)]
-        return sorted({int(x * FRAMES_PER_SECOND) // 2 for x in seconds})
+        step = self.bucket_seconds or 30.0
+        return sorted({_window_frames(k * step) // 2 for k in range(1, math.ceil(30.0 / step) + 1)})
 
     # -- audio → encoder ----------------------------------------------------
     def _bucket_frames(self, samples: int) -> int:
         seconds = max(samples, 1) / SAMPLE_RATE + MIN_SILENCE_AFTER
         bucket = math.ceil(seconds / self.bucket_seconds) * self.bucket_seconds if self.bucket_seconds else 30.0
-        return int(min(30.0, bucket) * FRAMES_PER_SECOND)
+        return _window_frames(bucket)
 
     def _mel(self, audios: list[np.ndarray], frames: int) -> torch.Tensor:
         """Log-mel like `whisper.log_mel_spectrogram` (per-row max) of each audio, then zeros up to
@@ -639,6 +638,11 @@ class BatchedWhisper:
         # The last guard: temperature fallback removes most loops, but looped text must never reach
         # a caption or a file's result, whatever produced it.
         return _sentences(without_repeats(timed, degenerate=row.compression_ratio > COMPRESSION_RATIO_LIMIT))
+
+
+def _window_frames(seconds: float) -> int:
+    """Mel frames of a window of `seconds` (Whisper hears at most 30 s)."""
+    return int(min(30.0, seconds) * FRAMES_PER_SECOND)
 
 
 def _word_times(matrix: np.ndarray | None, word_tokens: list[list[int]], frames: int) -> tuple[list[float], list[float]]:
