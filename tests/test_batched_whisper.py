@@ -9,7 +9,7 @@ from whisper.model import Whisper
 from backends.asr_types import TranscribeJob, Word
 from backends.batched_whisper import BatchedWhisper
 from bench.metrics import wer
-from tests.random_whisper import dims_for
+from tests.random_whisper import decoded_rows, dims_for
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +132,9 @@ def test_fp16_weights_run_with_float32_layer_norms():
     encoded = engine.encode([audio])[0]
     assert next(engine.model.parameters()).dtype == torch.float16
     assert torch.isfinite(encoded.float()).all()
-    decoded = []
-    real = engine._segments
-    engine._segments = lambda row, matrix: decoded.append(list(row.text_tokens)) or real(row, matrix)
+    decoded = decoded_rows(engine)
     out = engine.transcribe_batch([TranscribeJob(audio)])
-    assert len(out) == 1 and len(decoded) >= 1 and len(decoded[-1]) >= 1
+    assert len(out) == 1 and len(decoded) >= 1 and len(decoded[-1].text_tokens) >= 1
 
 
 def test_a_multilingual_model_without_a_language_detects_one_per_stream():
@@ -146,11 +144,7 @@ def test_a_multilingual_model_without_a_language_detects_one_per_stream():
     engine.force_tokens_per_second = 3.0
     engine.max_tokens_per_second = 3.0
     noise = np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32)
-    # Which words random weights decode (or whether the text rules keep any) is chance: check the
-    # language each row was decoded in, and that it was decoded.
-    decoded = []
-    real = engine._segments
-    engine._segments = lambda row, matrix: decoded.append(row) or real(row, matrix)
+    decoded = decoded_rows(engine)  # the language each row was decoded in, and that it was decoded
     out = engine.transcribe_batch([TranscribeJob(noise), TranscribeJob(noise[:16000], language="de")])
     from whisper.tokenizer import LANGUAGES
 

@@ -38,7 +38,7 @@ def test_cuda_graph_decoding_matches_eager_decoding():
 
     from backends.asr_types import TranscribeJob
     from backends.batched_whisper import BatchedWhisper
-    from tests.random_whisper import dims_for
+    from tests.random_whisper import decoded_rows, dims_for
 
     torch.manual_seed(0)
     model = Whisper(dims_for("tiny.en")).to("cuda:0")
@@ -46,16 +46,13 @@ def test_cuda_graph_decoding_matches_eager_decoding():
     jobs = [TranscribeJob((0.05 * rng.standard_normal(16000 * s)).astype(np.float32)) for s in (2, 5, 9)]
 
     def run(graphs: bool):
-        """Each row's decoded tokens (which words random weights spell, if any survive the text
-        rules, is chance; the tokens are what the two steps must agree on)."""
+        """Each row's decoded tokens: what the two steps must agree on."""
         engine = BatchedWhisper(model, "en", fp16=False, cuda_graphs=graphs, max_batch=4)
         engine.force_tokens_per_second = 4.0
         engine.max_tokens_per_second = 4.0
-        decoded = []
-        real = engine._segments
-        engine._segments = lambda row, matrix: decoded.append(list(row.tokens)) or real(row, matrix)
+        decoded = decoded_rows(engine)
         engine.transcribe_batch(jobs)
-        return decoded
+        return [list(row.tokens) for row in decoded]
 
     eager, graphed = run(False), run(True)
     assert graphed == eager
