@@ -24,7 +24,6 @@ so every frame is decided by all the windows that saw it and one clustering of t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,7 +221,7 @@ class SegmentedDiarizer:
             keep = np.flatnonzero(reliable)
             reliable = np.zeros(n, bool)
             reliable[keep[np.linspace(0, len(keep) - 1, MAX_EMBEDDINGS).astype(int)]] = True
-        min_size = max(2, math.ceil(self.min_cluster_seconds * SAMPLE_RATE / state.step - 1e-9))
+        min_size = -(-round(self.min_cluster_seconds * SAMPLE_RATE) // state.step)  # windows, rounded up
         clusters = cluster(embeddings, self.threshold, min_size, self.max_speakers, reliable=reliable)
         mapping = stable_labels(clusters, state.labels)
         state.clustered = np.array([mapping[int(c)] for c in clusters])
