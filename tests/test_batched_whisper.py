@@ -1,6 +1,8 @@
 """The batched Whisper engine: one stream or many in a batch, the same words; real tiny.en weights."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -101,23 +103,33 @@ def test_an_utterances_last_decode_is_a_beam_search_that_finds_openai_whispers_w
     assert windows == [500]  # one search, on the 10-s window's 500 encoder positions
 
 
-def test_the_last_decode_keeps_the_words_greedy_decoding_drops_on_real_speech(engine, monkeypatch):
-    """The father-and-child recording's last 9.6 s, prompted with the text before it as a stream
-    prompts its last decode: greedy decoding ends "... things to say." where the father says
-    "... things to say to it?"; the beam search keeps the last two words (and times them at the end)."""
+def test_the_last_decode_keeps_the_words_a_conditioned_decode_drops_on_real_speech(engine, monkeypatch):
+    """The father-and-child recording's last 9.56 s (the buffer a stream decodes last, to the sample:
+    a few samples more and the conditioned decode keeps the ending), conditioned as the two policies
+    condition their last decode there: prompted with the (mostly wrong) text committed before it (LocalAgreement), or
+    with the words already committed forced as a prefix (AlignAtt). Decoded so, it ends "... things to
+    say." where the father says "... things to say to it?". As an utterance's last decode it keeps
+    what a free decode of the same audio hears after "say" ("to me", as openai-whisper's
+    `transcribe`), timed after it. The beam search (`--final-beam-size 5`) does not stop there either."""
     from bench.speech_set import DEFAULT_SET, load_clips
 
     if not (DEFAULT_SET / "manifest.tsv").exists():
         pytest.skip(f"the real-speech set is not at {DEFAULT_SET}")
-    audio = load_clips(DEFAULT_SET, ["conversational_childes_father_child"])[0].audio()[-int(9.56 * 16000):]
-    job = TranscribeJob(audio, "Do you want your pet? Want to make this? Give me the idea.", "en", final=True)
+    audio = load_clips(DEFAULT_SET, ["conversational_childes_father_child"])[0].audio()[-152904:]
+    prompted = TranscribeJob(audio, "Do you want your pet? Want to make this? Give me the idea.", "en")
+    forced = TranscribeJob(audio, "Do you want your pet? Want to give me a kiss? Want your naked? Give me a kiss?", "en",
+                           prefix="Mmm, I think. Yeah. That's the nose. If you caught", prefix_end=6.36, stop_before_end=0.0)
     monkeypatch.setattr(engine, "beam_size", 1)
-    greedy = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+    for job in (prompted, forced):
+        once = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+        last = [w for s in engine.transcribe_batch([replace(job, final=True)])[0] for w in s.words]
+        assert [w.text for w in once[-3:]] == [" things", " to", " say."]
+        assert [w.key for w in last[:len(once) - 1]] == [w.key for w in once[:-1]]  # nothing it said replaced
+        assert [w.text for w in last[len(once) - 1:]] == [" say", " to", " me."]
+        assert once[-1].end <= last[-2].start <= last[-1].start
     monkeypatch.setattr(engine, "beam_size", 5)
-    searched = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
-    assert [w.key for w in greedy[-3:]] == ["things", "to", "say"]
-    assert [w.key for w in searched[-3:]] == ["say", "to", "it"]
-    assert searched[-1].end > greedy[-1].end + 0.2
+    searched = [w for s in engine.transcribe_batch([replace(prompted, final=True)])[0] for w in s.words]
+    assert [w.key for w in searched][-3] == "say"  # and two words after it ("do you?")
 
 
 def test_fp16_weights_run_with_float32_layer_norms():
