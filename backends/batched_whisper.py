@@ -35,7 +35,6 @@ from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import final_search
-from .free_ending import with_free_ending
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import (DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick,
                            split_heads, timestamp_rules)
@@ -182,54 +181,21 @@ class BatchedWhisper:
         if not live:
             return out
         encoded, windows, frames = self.encode([jobs[i].audio for i in live])
-        # A last decode conditioned on committed text (LocalAgreement's prompt, AlignAtt's forced
-        # prefix and its decoding without timestamps) can end before the audio does: the CHILDES
-        # recording's last decode ended "... things to say." where the father goes on "to say to
-        # it?", in both policies, while openai-whisper's `transcribe` of the same audio (free: no
-        # prompt, timestamps) says "... to say to me?". Nothing checks an utterance's last decode
-        # after it, so it is also decoded free, in the same batch, and keeps the words the free
-        # decode hears after its own last word (`free_ending`); nothing it said is replaced.
-        batch = [jobs[i] for i in live]
-        source = list(range(len(live)))
-        free: dict[int, int] = {}
-        for k, job in enumerate(list(batch)):
-            if job.final and (job.prompt.strip() or job.prefix.strip()) and not self.force_tokens_per_second:
-                free[k] = len(batch)
-                batch.append(TranscribeJob(job.audio, language=job.language))
-                source.append(k)
-        if free:
-            encoded, windows, frames = encoded[source], [windows[k] for k in source], [frames[k] for k in source]
-        decoded = self._decode_jobs(batch, encoded, windows, frames)
-        for k, i in enumerate(live):
-            row, w = decoded[k]
-            if row.silent or self._untrusted(row):
-                continue
-            out[i] = self._segments(row, w)
-            if k in free and not (other := decoded[free[k]][0]).silent and not other.degenerate:
-                mine = [x for s in out[i] for x in s.words]
-                heard = [x for s in self._segments(other, decoded[free[k]][1]) for x in s.words]
-                words = with_free_ending(jobs[i].prefix, mine, heard, jobs[i].prefix_end)
-                out[i] = _sentences(words) if words != mine else out[i]
-        return out
-
-    def _decode_jobs(self, jobs: list[TranscribeJob], encoded: torch.Tensor, windows: list[int],
-                     frames: list[int]) -> list[tuple[_Row, np.ndarray | None]]:
-        """Each job's decoded row and alignment matrix (row k decodes encoded[k])."""
         final: dict[int, tuple[_Row, np.ndarray | None]] = {}
         # An utterance's last decode, which nothing will check after it, is a beam search (at most
         # `searches_per_round` of them: each is a decode of its own, and the round waits for it);
         # one that fails the quality checks joins the greedy rows below and their fallback.
-        searched = [k for k, job in enumerate(jobs) if final_search.searchable(self, job)]
+        searched = [k for k, i in enumerate(live) if final_search.searchable(self, jobs[i])]
         for k in searched[: self.searches_per_round]:
-            found = final_search.search(self, jobs[k], encoded[k:k + 1], windows[k], frames[k])
+            found = final_search.search(self, jobs[live[k]], encoded[k:k + 1], windows[k], frames[k])
             if found is not None and (found[0].silent or not found[0].degenerate):
                 final[k] = found
-        todo = [k for k in range(len(jobs)) if k not in final]
+        todo = [k for k in range(len(live)) if k not in final]
         # openai-whisper's fallback: rows whose decode is degenerate are decoded again, sampling at
         # the next temperature; a row that is silence, or good, keeps its decode.
         for temperature in self.temperatures if todo else ():
-            sub = encoded if len(todo) == len(jobs) else encoded[todo]
-            rows = self._rows([jobs[k] for k in todo], sub, [windows[k] for k in todo],
+            sub = encoded if len(todo) == len(live) else encoded[todo]
+            rows = self._rows([jobs[live[k]] for k in todo], sub, [windows[k] for k in todo],
                               [frames[k] for k in todo], temperature)
             weights = self._decode(rows, sub)
             retry = []
@@ -240,7 +206,10 @@ class BatchedWhisper:
             if not retry:
                 break
             todo = retry
-        return [final[k] for k in range(len(jobs))]
+        for k, i in enumerate(live):
+            row, w = final[k]
+            out[i] = [] if row.silent or self._untrusted(row) else self._segments(row, w)
+        return out
 
     def _untrusted(self, row: _Row) -> bool:
         """A continuation of committed text (AlignAtt's forced prefix) that failed the checks at every

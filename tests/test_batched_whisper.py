@@ -103,14 +103,16 @@ def test_an_utterances_last_decode_is_a_beam_search_that_finds_openai_whispers_w
     assert windows == [500]  # one search, on the 10-s window's 500 encoder positions
 
 
-def test_the_last_decode_keeps_the_words_a_conditioned_decode_drops_on_real_speech(engine, monkeypatch):
+def test_a_conditioned_decode_drops_the_last_words_a_free_decode_hears_on_real_speech(engine, monkeypatch):
     """The father-and-child recording's last 9.56 s (the buffer a stream decodes last, to the sample:
     a few samples more and the conditioned decode keeps the ending), conditioned as the two policies
-    condition their last decode there: prompted with the (mostly wrong) text committed before it (LocalAgreement), or
-    with the words already committed forced as a prefix (AlignAtt). Decoded so, it ends "... things to
-    say." where the father says "... things to say to it?". As an utterance's last decode it keeps
-    what a free decode of the same audio hears after "say" ("to me", as openai-whisper's
-    `transcribe`), timed after it. The beam search (`--final-beam-size 5`) does not stop there either."""
+    condition their last decode there: prompted with the (mostly wrong) text committed before it
+    (LocalAgreement), or with the words already committed forced as a prefix (AlignAtt). Decoded so,
+    it ends "... things to say." where the father says "... things to say to it?"; a free decode of
+    the same audio (no prompt, no prefix, timestamps: openai-whisper's `transcribe`) goes on after
+    "say", and joined on that word the two end "say to me." (what the policies commit, see
+    `ending_steps`). The beam search (`--final-beam-size 5`) does not stop there either."""
+    from backends.free_ending import with_free_ending
     from bench.speech_set import DEFAULT_SET, load_clips
 
     if not (DEFAULT_SET / "manifest.tsv").exists():
@@ -120,13 +122,14 @@ def test_the_last_decode_keeps_the_words_a_conditioned_decode_drops_on_real_spee
     forced = TranscribeJob(audio, "Do you want your pet? Want to give me a kiss? Want your naked? Give me a kiss?", "en",
                            prefix="Mmm, I think. Yeah. That's the nose. If you caught", prefix_end=6.36, stop_before_end=0.0)
     monkeypatch.setattr(engine, "beam_size", 1)
+    heard = [w for s in engine.transcribe_batch([TranscribeJob(audio, language="en")])[0] for w in s.words]
     for job in (prompted, forced):
-        once = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
-        last = [w for s in engine.transcribe_batch([replace(job, final=True)])[0] for w in s.words]
-        assert [w.text for w in once[-3:]] == [" things", " to", " say."]
-        assert [w.key for w in last[:len(once) - 1]] == [w.key for w in once[:-1]]  # nothing it said replaced
-        assert [w.text for w in last[len(once) - 1:]] == [" say", " to", " me."]
-        assert once[-1].end <= last[-2].start <= last[-1].start
+        said = [w for s in engine.transcribe_batch([job])[0] for w in s.words]
+        assert [w.text for w in said[-3:]] == [" things", " to", " say."]
+        joined = with_free_ending(job.prefix, said, heard, job.prefix_end)
+        assert [w.key for w in joined[:len(said)]] == [w.key for w in said]  # nothing it said replaced
+        assert [w.text for w in joined[len(said) - 1:]] == [" say", " to", " me."]
+        assert said[-1].end <= joined[-2].start <= joined[-1].start
     monkeypatch.setattr(engine, "beam_size", 5)
     searched = [w for s in engine.transcribe_batch([replace(prompted, final=True)])[0] for w in s.words]
     assert [w.key for w in searched][-3] == "say"  # and two words after it ("do you?")

@@ -71,3 +71,40 @@ def test_live_captions_on_real_speech_are_as_right_as_offline_whisper(policy, cl
     if files is not None:  # the file endpoint, on the same server
         no_failures(clips, files)
         assert pooled(clips, files) <= offline_wer + BOUND, (pooled(clips, files), offline_wer, files)
+
+
+@pytest.mark.parametrize("policy", ["localagreement", "alignatt"])
+def test_the_last_words_of_an_utterance_whisper_stopped_short_of_are_committed(policy, tiny_en_checkpoint):
+    """The father-and-child recording in 0.5-s steps through a session (VAD, policy, engine; in
+    process, so every decode is the same in every run): both policies' last decode, conditioned on
+    committed text, ends "... things to say." where the father says "... to say to it?". The words
+    are shown first; the ending check that follows (a free decode of the same audio) commits what
+    it hears after "say", and the committed text only grows."""
+    from backends.asr_types import drive
+    from gpu_manager import Device
+    from streamserver.engine.models import make_loader
+    from streamserver.live.session import (
+        AudioInbox,
+        Session,
+        SessionOptions,
+        answer_directly,
+    )
+
+    clip = real_clips(["conversational_childes_father_child"])[0]
+    models = make_loader(ServerConfig(model=str(tiny_en_checkpoint)))(Device(0, "cpu", 0, "cpu"))
+    answer = answer_directly(models)
+    session = Session(AudioInbox(), models, SessionOptions(policy=policy))
+    audio = clip.audio()
+    for at in range(0, len(audio), 8000):
+        session.inbox.put(audio[at:at + 8000])
+        drive(session.step(), answer)
+    shown = drive(session.finish(check_ending=False), answer)
+    assert session.ending_pending
+    final = drive(session.finish_ending(), answer)
+
+    def text(state):
+        return " ".join(line.text.strip() for line in state.lines if line.speaker != -2 and line.text.strip())
+
+    assert lost_ending(clip.reference, text(shown)) and text(shown).endswith("things to say.")
+    assert text(final).startswith(text(shown)) and not lost_ending(clip.reference, text(final)), text(final)
+    assert [w.start for w in final.words] == sorted(w.start for w in final.words)

@@ -69,6 +69,8 @@ class AlignAttPolicy(UtteranceBuffer):
         words = [w for w in words if w.text.strip()]
         if final:
             commit, self.held = words, []
+            if self.heard_all:  # decoded without timestamps, after a forced prefix: never a free decode
+                self.ending = self._ending_of(job, words)
         else:
             agreed = agreed_prefix(self.held, words)
             if agreed == len(words) and words and words[-1].end >= self.end_time - self.frame_threshold - 0.3:

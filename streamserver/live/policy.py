@@ -16,6 +16,7 @@ import numpy as np
 
 from backends.asr_types import (DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words,
                                 without_repeats)
+from backends.free_ending import with_free_ending
 
 SAMPLE_RATE = 16000
 
@@ -98,6 +99,19 @@ class PolicyOutput:
     tentative: list[Word]
 
 
+@dataclass(frozen=True)
+class EndingCheck:
+    """An utterance's last decode, conditioned on committed text, waiting for a free decode of the
+    same audio to say whether the speaker went on after its last word (`UtteranceBuffer.ending_steps`)."""
+
+    audio: np.ndarray
+    offset: float  # stream time of audio[0]
+    language: str | None
+    prefix: str  # text forced before the decode's words (AlignAtt), else ""
+    prefix_end: float  # stream time where the prefix's words end
+    words: list[Word]  # what the decode said after the prefix (stream times)
+
+
 class UtteranceBuffer:
     """What both streaming policies keep of an utterance: its audio since `offset` (stream
     seconds), how much of it Whisper has seen, and the committed text for prompting."""
@@ -111,6 +125,7 @@ class UtteranceBuffer:
         self.context = ""  # committed text of the whole stream, for prompting
         self.said: list[str] = []  # keys of the last committed words, across utterances
         self.said_until = 0.0  # stream time where the last committed word ends (a dropped repeat too)
+        self.ending: EndingCheck | None = None
         self.start(0.0)
 
     def start(self, offset: float) -> None:
@@ -154,6 +169,32 @@ class UtteranceBuffer:
         if n < len(self.audio):
             self.audio = self.audio[:n]
             self.processed_samples = min(self.processed_samples, n)
+
+    def ending_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
+        """The last utterance's ending, checked: its last decode was conditioned on committed text
+        (a prompt; AlignAtt's forced prefix, decoded without timestamps), and so conditioned Whisper
+        can end its text before the audio ends (the CHILDES recording's last decode ended "... things
+        to say." where the father goes on "to say to it?", in both policies, while openai-whisper's
+        `transcribe` of the same audio, free of both, says "... to say to me?"). Nothing decodes that
+        audio after the last decode, so a free decode of it is the check: the words it hears after
+        the conditioned decode's last word are committed (`backends/free_ending.py`). It runs after the
+        utterance's words are shown, in a round of its own: it costs a whole decode of the buffer,
+        while AlignAtt's last decode is a few tokens, and the words before it need not wait for it."""
+        check, self.ending = self.ending, None
+        if check is None:
+            return []
+        answer = yield TranscribeJob(check.audio, "", check.language)
+        heard = [w.shifted(check.offset) for s in answer for w in s.words]
+        joined = with_free_ending(check.prefix, check.words, heard, check.prefix_end)
+        words = self._once(joined[len(check.words):])
+        self._remember(words)
+        return words
+
+    def _ending_of(self, job: TranscribeJob, words: list[Word]) -> EndingCheck:
+        """What checking the ending of `job` (a decode that heard the buffer to its end and said
+        `words`, stream times) needs, should it be the utterance's last."""
+        return EndingCheck(job.audio, self.offset, job.language, job.prefix, self.offset + job.prefix_end,
+                           [w for w in words if w.text.strip()])
 
     def _once(self, words: list[Word]) -> list[Word]:
         """What a decode would commit, less every run that repeats what was just committed. Every
@@ -216,6 +257,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
     def start(self, offset: float) -> None:
         super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
+        self._last_decode: EndingCheck | None = None
 
     # -- the three verbs ------------------------------------------------
     def process(self) -> PolicyOutput:
@@ -229,9 +271,13 @@ class LocalAgreementPolicy(UtteranceBuffer):
         utterance's last decode (everything it says is committed)."""
         window, said_before = self.window, self.said_until
         self.processed_samples = len(window)
-        answer = yield TranscribeJob(window, self._prompt(), self.language, final=final)
+        job = TranscribeJob(window, self._prompt(), self.language, final=final)
+        answer = yield job
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
+        # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
+        # now; without a prompt it was a free decode already.
+        self._last_decode = self._ending_of(job, words) if self.heard_all and job.prompt else None
         if not self.heard_all:  # the window ends inside the buffer, maybe inside a word: hear it again
             words = [w for w in words if w.end <= self.processed_until - EDGE_SECONDS]
         committed = self.hypothesis.insert(words)
@@ -258,6 +304,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
                 committed += self._flush()  # a stream that fell behind: audio past the window is left
                 self._cut_said(said_before)
         committed += self._flush()
+        self.ending = self._last_decode
         self.start(self.end_time)
         return committed
 

@@ -120,11 +120,14 @@ class Session:
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
         self._ends: list[float] = []
         self._cuts = 0
+        self._end = 0  # absolute sample where the stream ended (set by `finish`)
 
     # -- worker side ----------------------------------------------------
     def step(self) -> Steps:
-        """Take in what arrived, run the VAD, and call Whisper when enough speech waits."""
+        """Take in what arrived, run the VAD, and call Whisper when enough speech waits (first, the
+        ending of an utterance that ended in the step before, `_check_ending`)."""
         with self._lock:
+            yield from self._check_ending()
             yield from self._take_in()
             if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
                 out = yield from self.policy.process_steps()
@@ -134,8 +137,15 @@ class Session:
             self._note_silence(self._vad_samples)
             return self.state()
 
-    def finish(self) -> Steps:
-        """End of stream: everything still held is transcribed and committed."""
+    @property
+    def ending_pending(self) -> bool:
+        """The last utterance's words are committed, but not yet what a free decode hears after them."""
+        return self.policy.ending is not None
+
+    def finish(self, check_ending: bool = True) -> Steps:
+        """End of stream: everything still held is transcribed and committed. With `check_ending`
+        false the last utterance's ending is left to `finish_ending`, so that the words before it can
+        be sent first."""
         with self._lock:
             yield from self._take_in()
             tail_end = self._recent_start + len(self._recent)
@@ -148,11 +158,22 @@ class Session:
                 self._ends.append(tail_end / SAMPLE_RATE)
                 self._speech_end = self._fed_end = tail_end
             self._tentative = []
+            if check_ending:
+                yield from self._check_ending()
             if self.diarizer is not None:
                 turns = yield DiarizeJob(self.diarizer_state, flush=True)
                 self.attribution.add_turns(turns, tail_end / SAMPLE_RATE)
             self._attribute(everything=True)
+            self._end = tail_end
             self._note_silence(tail_end)
+            return self.state(final=True)
+
+    def finish_ending(self) -> Steps:
+        """After `finish(check_ending=False)`: the last utterance's ending, and the final state."""
+        with self._lock:
+            yield from self._check_ending()
+            self._attribute(everything=True)
+            self._note_silence(self._end)
             return self.state(final=True)
 
     def cut(self) -> Steps:
@@ -164,6 +185,7 @@ class Session:
             if self._in_speech:
                 self.segmenter.force_end()
                 yield from self._speech_ends(self._vad_samples)
+            yield from self._check_ending()  # the client asked for everything heard: not a step later
             self._cuts += 1
             self._attribute()
             return self.state()
@@ -227,6 +249,15 @@ class Session:
         self.policy.start(sample / SAMPLE_RATE)
         self._fed_until = sample
 
+    def _check_ending(self) -> Steps:
+        """The ending of the utterance that ended last, if not checked yet (the policy's `ending_steps`:
+        a free decode of its audio, the words it hears after the last one committed). It runs a step
+        after the utterance's end, so its words are shown without waiting for it; nothing is committed
+        or noted as silence after that utterance until it has run."""
+        if self.policy.ending is not None:
+            self._commit((yield from self.policy.ending_steps()))
+            self._attribute()
+
     def _commit(self, words: list) -> None:
         """Committed words go to the transcript, through attribution when there is a diarizer.
         (The policy has already dropped runs that repeat what was just committed, `_once`.)"""
@@ -266,8 +297,10 @@ class Session:
             self._fed_until = until
 
     def _note_silence(self, now: int) -> None:
-        """A silence as long as `--silence-line-seconds` becomes (or extends) a silence line."""
-        if self._in_speech or (now - self._speech_end) / SAMPLE_RATE < self.options.silence_line_seconds:
+        """A silence as long as `--silence-line-seconds` becomes (or extends) a silence line (not before
+        the ending of the speech before it is checked: its words come first)."""
+        if (self._in_speech or self.policy.ending is not None
+                or (now - self._speech_end) / SAMPLE_RATE < self.options.silence_line_seconds):
             return
         start, end = self._speech_end / SAMPLE_RATE, now / SAMPLE_RATE
         if self.attribution is not None and self.attribution.waiting:

@@ -169,7 +169,10 @@ class LiveStream:
                     self._publish(await self._infer(session.cut))
                 else:
                     self._publish(await self._infer(session.step))
-            final = await self._infer(session.finish)
+            final = await self._infer(lambda: session.finish(check_ending=False))
+            if session.ending_pending:  # the words first, then what a free decode hears after them
+                self._publish(final)
+                final = await self._infer(session.finish_ending)
             self._publish(final, final=True, drained=not self.ended)
         finally:
             self.server.memory.account.remove_stream(self.device.id, self.id)
