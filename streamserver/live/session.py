@@ -130,6 +130,7 @@ class Session:
             yield from self._check_ending()
             yield from self._take_in()
             if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
+                yield from self._check_ending()  # an utterance that ended in this step: its words first
                 out = yield from self.policy.process_steps()
                 self._commit(out.committed)
                 self._tentative = out.tentative
@@ -280,6 +281,7 @@ class Session:
     def _speech_ends(self, sample: int) -> Steps:
         """The VAD's end of speech at `sample`. The policy may already hold the pause after it
         (shorter pauses stay inside an utterance); the silence is counted from `sample` all the same."""
+        yield from self._check_ending()  # two utterances ended in one step: the first one's ending first
         self._feed_policy(sample)
         self.policy.end_at(sample / SAMPLE_RATE)
         self._commit((yield from self.policy.finish_steps()))
