@@ -1,0 +1,71 @@
+"""An utterance's ending, checked by a free decode after its words are shown (`Session`, `UtteranceBuffer.ending_steps`).
+
+The ASR stands in for Whisper conditioned on committed text: prompted, it stops a word short of
+the audio's end; free (no prompt, no prefix), it says every word. Three utterances with pauses
+between them go through a session in quarter-second steps.
+"""
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+
+from backends.asr_types import TranscribeJob, drive
+from gpu_manager import Device
+from streamserver.live.session import (
+    AudioInbox,
+    Session,
+    SessionOptions,
+    answer_directly,
+)
+from tests.fakes import EchoASR, fake_loader
+
+
+class StopsShortWhenPrompted(EchoASR):
+    def __init__(self) -> None:
+        self.free_jobs = 0
+
+    def transcribe_batch(self, jobs: list[TranscribeJob]):
+        out = []
+        for job in jobs:
+            segments = self.transcribe(job.audio)
+            if job.prompt or job.prefix:
+                segments = [type(s)(s.start, s.end, s.words[:-1]) for s in segments if len(s.words) > 1]
+            else:
+                self.free_jobs += 1
+            out.append(segments)
+        return out
+
+
+def _speech(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    """Loud: `EchoASR` says w0, w1, ...; quiet (0.1): q0, q1, ... (so no utterance repeats the one before)."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (amplitude * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+
+
+def test_each_utterance_keeps_the_last_word_a_prompted_decode_stopped_short_of_and_nothing_goes_back():
+    models = fake_loader(Device(0, "cpu", 0, "cpu"))
+    models.asr = StopsShortWhenPrompted()
+    answer = answer_directly(models)
+    session = Session(AudioInbox(), models, SessionOptions(utterance_pause_seconds=1.0, silence_line_seconds=1.0))
+    pause = np.zeros(int(2.5 * 16000), np.float32)
+    audio = np.concatenate([_speech(4.0), pause, _speech(4.0, 0.1), pause, _speech(3.0), pause])
+    shown: list[str] = []
+    for at in range(0, len(audio), 4000):
+        session.inbox.put(audio[at:at + 4000])
+        state = drive(session.step(), answer)
+        shown.append(" ".join(w.text for w in state.words))
+    state = drive(session.finish(), answer)
+    shown.append(" ".join(w.text for w in state.words))
+
+    words = [w.text.strip() for w in state.words]
+    # The first utterance is decoded with no prompt (nothing committed before it); the second and
+    # third are prompted, stop a word short, and the check after each brings its last word back.
+    assert words == ["w0", "w1", "w2", "w3", "q0", "q1", "q2", "q3", "w0", "w1", "w2"], words
+    assert models.asr.free_jobs >= 2
+    assert any(text.endswith("q2") for text in shown)  # the words were shown before their ending was checked
+    assert all(b.startswith(a) for a, b in pairwise(shown))  # committed text only grows
+    starts = [w.start for w in state.words]
+    assert starts == sorted(starts)
+    lines = [(ln.start, ln.end) for ln in state.lines]
+    assert [s for s, _ in lines] == sorted(s for s, _ in lines)  # no silence line before the words it follows
