@@ -50,7 +50,7 @@ def _run(seconds: float, trim: float = 15.0):
         committed += out.committed
         tentative_seen.append([w.text for w in out.tentative])
     asr.offset = policy.offset
-    committed += drive(policy.finish_steps(), asr)
+    committed += drive(policy.finish_all_steps(), asr)
     return committed, tentative_seen, asr, policy
 
 
@@ -61,7 +61,8 @@ def test_each_update_commits_the_new_words_heard_and_decodes_only_those():
     assert all(a.start <= b.start for a, b in zip(committed, committed[1:]))
     # after the first update the prefix is what was committed: nothing is decoded twice
     assert asr.jobs[1].prefix.split() == [w.text.strip() for w in committed[: len(asr.jobs[1].prefix.split())]]
-    assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-1]) and asr.jobs[-1].stop_before_end == END_GUARD
+    assert all(job.stop_before_end == 0.5 for job in asr.jobs[:-2]) and asr.jobs[-2].stop_before_end == END_GUARD
+    assert not asr.jobs[-1].prefix and asr.jobs[-1].stop_before_end is None  # the ending checked: a free decode
     assert any(tentative)  # the word at the edge of the audio is shown, not committed
 
 
@@ -76,7 +77,7 @@ def test_a_stream_that_fell_behind_loses_no_words_past_whisper_s_30_second_windo
         asr.offset = policy.offset
         return asr(job)
 
-    committed = drive(policy.finish_steps(), answer)
+    committed = drive(policy.finish_all_steps(), answer)
     assert [w.text.strip(",").strip() for w in committed] == [f"w{i}" for i in range(80)]
     assert max(len(job.audio) for job in asr.jobs) / 16000 <= 29.0
 
@@ -144,6 +145,6 @@ def test_a_word_is_committed_only_once_a_second_decode_says_it_again():
         out = drive(policy.process_steps(), asr)
         committed += out.committed
         shown.append([w.text.strip() for w in out.tentative])
-    committed += drive(policy.finish_steps(), asr)
+    committed += drive(policy.finish_all_steps(), asr)
     assert "I'd-less" in shown[0]  # the first guess is shown while it is unsure
     assert [w.text.strip() for w in committed] == RevisingASR.TRUTH  # but never committed

@@ -183,7 +183,7 @@ def _three_decodes_then_the_end(searched_finals: bool):
         policy.insert_audio(np.zeros(16000, dtype=np.float32))
         committed += drive(policy.process_steps(), answer).committed
     assert policy.hypothesis.pending  # the newest words wait for a second hypothesis
-    committed += drive(policy.finish_steps(), answer)
+    committed += drive(policy.finish_all_steps(), answer)
     return jobs, [w.text.strip() for w in committed]
 
 

@@ -95,7 +95,7 @@ class AlignAttPolicy(UtteranceBuffer):
                 self._cut_said(said_before)
         self._remember(self.committed)
         self.start(self.end_time)
-        return committed
+        return self._hold_last(committed)
 
     # -- helpers ----------------------------------------------------------
     def _prompt(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,6 +110,7 @@ class EndingCheck:
     prefix: str  # text forced before the decode's words (AlignAtt), else ""
     prefix_end: float  # stream time where the prefix's words end
     words: list[Word]  # what the decode said after the prefix (stream times)
+    held: Word | None = None  # its last word, committed with the ending (its punctuation may change)
 
 
 class UtteranceBuffer:
@@ -188,7 +189,25 @@ class UtteranceBuffer:
         joined = with_free_ending(check.prefix, check.words, heard, check.prefix_end)
         words = self._once(joined[len(check.words):])
         self._remember(words)
-        return words
+        if check.held is None:
+            return words
+        # The held word as the free decode spells it, when it goes on after it ("say." -> "say").
+        return [joined[len(check.words) - 1] if words else check.held] + words
+
+    def finish_all_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
+        """End of the utterance and its ending checked, in one go (for callers that show nothing
+        in between)."""
+        committed = yield from self.finish_steps()
+        return committed + (yield from self.ending_steps())
+
+    def _hold_last(self, committed: list[Word]) -> list[Word]:
+        """`committed` (an utterance's last words) less its last word when that is the last word of the
+        decode whose ending is checked: it is committed with the ending, so that a sentence the speaker
+        went on with does not read "to say. to me." (committed text never changes)."""
+        if self.ending is None or not committed or not self.ending.words or committed[-1] != self.ending.words[-1]:
+            return committed
+        self.ending = replace(self.ending, held=committed[-1])
+        return committed[:-1]
 
     def _ending_of(self, job: TranscribeJob, words: list[Word]) -> EndingCheck:
         """What checking the ending of `job` (a decode that heard the buffer to its end and said
@@ -264,7 +283,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         return drive(self.process_steps(), self._answer)
 
     def finish(self) -> list[Word]:
-        return drive(self.finish_steps(), self._answer)
+        return drive(self.finish_all_steps(), self._answer)
 
     def process_steps(self, final: bool = False) -> Generator[TranscribeJob, list[Segment], PolicyOutput]:
         """Transcribe the buffer once; commit what the last two hypotheses agree on. `final`: the
@@ -306,7 +325,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         committed += self._flush()
         self.ending = self._last_decode
         self.start(self.end_time)
-        return committed
+        return self._hold_last(committed)
 
     # -- helpers ----------------------------------------------------------
     def _answer(self, job: TranscribeJob) -> list[Segment]:
