@@ -27,10 +27,10 @@ def with_free_ending(prefix: str, words: list[Word], heard: list[Word], prefix_e
     one that is the last said. That last word takes the free decode's spelling when it is one of
     `words`: its punctuation ended a sentence the speaker went on with."""
     said = text_keys(prefix) + [w.key for w in words]
+    keyed = [(k, i) for i, k in enumerate(said) if k]  # (key, index in `said`) of the words with one
     spoken = [i for i, w in enumerate(heard) if w.key]
-    if not [k for k in said if k] or not spoken:
+    if not keyed or not spoken:
         return words
-    keyed = [(k, i) for i, k in enumerate(said) if k]
     matcher = SequenceMatcher(None, [k for k, _ in keyed], [heard[i].key for i in spoken], autojunk=False)
     last = len(keyed) - 1
     for a, b, size in matcher.get_matching_blocks():

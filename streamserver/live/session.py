@@ -120,7 +120,6 @@ class Session:
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
         self._ends: list[float] = []
         self._cuts = 0
-        self._end = 0  # absolute sample where the stream ended (set by `finish`)
 
     # -- worker side ----------------------------------------------------
     def step(self) -> Steps:
@@ -165,7 +164,6 @@ class Session:
                 turns = yield DiarizeJob(self.diarizer_state, flush=True)
                 self.attribution.add_turns(turns, tail_end / SAMPLE_RATE)
             self._attribute(everything=True)
-            self._end = tail_end
             self._note_silence(tail_end)
             return self.state(final=True)
 
@@ -174,7 +172,7 @@ class Session:
         with self._lock:
             yield from self._check_ending()
             self._attribute(everything=True)
-            self._note_silence(self._end)
+            self._note_silence(self._recent_start + len(self._recent))  # where the stream ended
             return self.state(final=True)
 
     def cut(self) -> Steps:
@@ -255,7 +253,7 @@ class Session:
         a free decode of its audio, the words it hears after the last one committed). It runs a step
         after the utterance's end, so its words are shown without waiting for it; nothing is committed
         or noted as silence after that utterance until it has run."""
-        if self.policy.ending is not None:
+        if self.ending_pending:
             self._commit((yield from self.policy.ending_steps()))
             self._attribute()
 
@@ -301,7 +299,7 @@ class Session:
     def _note_silence(self, now: int) -> None:
         """A silence as long as `--silence-line-seconds` becomes (or extends) a silence line (not before
         the ending of the speech before it is checked: its words come first)."""
-        if (self._in_speech or self.policy.ending is not None
+        if (self._in_speech or self.ending_pending
                 or (now - self._speech_end) / SAMPLE_RATE < self.options.silence_line_seconds):
             return
         start, end = self._speech_end / SAMPLE_RATE, now / SAMPLE_RATE
