@@ -13,6 +13,7 @@ from .ops.admin import load_models, unload_models
 from .ops.auth import require_token
 from .config import ServerConfig
 from .protocols.asr import asr_endpoint
+from .protocols.asr_watch import watch_endpoint
 from .protocols.deepgram import listen_endpoint
 from .protocols.openai_realtime import realtime_endpoint
 from .jobs.api import jobs_routes
@@ -75,6 +76,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
             Route("/models/load", load_models, methods=["POST"]),
             Route("/models/unload", unload_models, methods=["POST"]),
             WebSocketRoute("/asr", asr_endpoint),
+            WebSocketRoute("/asr/watch/{stream_id}", watch_endpoint),
             WebSocketRoute("/v1/listen", listen_endpoint),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
             *jobs_routes(),

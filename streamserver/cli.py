@@ -76,6 +76,10 @@ FLAGS: list[tuple[str, object, str]] = [
                                  "the chunks of a server that died go to the others after this"),
     ("resume_seconds", float, "how long a dropped /asr stream is kept (its slot held) for its client to "
                               "resume with its token (0: never)"),
+    ("max_updates_per_second", float, "caption updates sent per socket at most (the newest state waits for "
+                                      "the next one; 0: no limit)"),
+    ("max_viewers_per_stream", int, "read-only viewers of one /asr stream (its config's viewer_url); over it "
+                                    "a viewer is closed with 1013"),
     ("request_timeout", float, "an HTTP request whose head has not all arrived, or whose body has sent "
                                "nothing, after this many seconds gets 408 and is closed"),
     ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),

@@ -37,6 +37,8 @@ class ServerConfig:
     max_upload_mb: float = 500.0
     request_timeout: float = 30.0  # a request head or body that stops arriving: 408 after this
     resume_seconds: float = 30.0  # a dropped /asr stream waits this long for its client (0: never)
+    max_updates_per_second: float = 4.0  # caption updates per socket, at most (the newest state is kept)
+    max_viewers_per_stream: int = 100  # read-only viewers of one /asr stream (/asr/watch/<id>)
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call
     trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end

@@ -1,4 +1,4 @@
-"""The live-caption page: `GET /` and its static files, shipped inside the package.
+"""The live-caption page `GET /`, a viewer's page `GET /watch/<id>`, and their static files (package data).
 
 Plain HTML, CSS and JavaScript under `streamserver/static/` (no build step). The
 page needs no token to load; the socket it opens does (`?token=`).
@@ -29,8 +29,14 @@ async def index(request: Request) -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=_NO_CACHE)
 
 
+async def watch(request: Request) -> FileResponse:
+    """A viewer's page (`/watch/<id>?key=KEY`): its socket checks the key and says when it is wrong."""
+    return FileResponse(STATIC_DIR / "watch.html", media_type="text/html; charset=utf-8", headers=_NO_CACHE)
+
+
 def page_routes() -> list:
     return [
         Route("/", index),
+        Route("/watch/{stream_id}", watch),
         Mount("/static", app=_StaticFiles(directory=STATIC_DIR), name="static"),
     ]

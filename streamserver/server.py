@@ -18,6 +18,7 @@ from .ops.drain import Drain
 from .ops.metrics import Metrics
 from .jobs.runner import JobRunner
 from .live.resume import Resumes
+from .live.viewers import Viewers
 from .engine.runtime import DeviceRuntime, ModelLoader
 
 log = logging.getLogger("streamserver")
@@ -34,6 +35,7 @@ class Server:
     drain: Drain
     jobs: JobRunner | None = None  # file transcription jobs (set by build)
     resumes: Resumes | None = None  # live streams whose client dropped, waiting for it (set by build)
+    viewers: Viewers | None = None  # the live streams an audience may watch (set by build)
 
     @classmethod
     def build(cls, config: ServerConfig, loader: ModelLoader | None = None, nvml_factory=Nvml) -> "Server":
@@ -69,7 +71,9 @@ class Server:
         server = cls(config, inventory, allocator, memory, runtimes, metrics, Drain())
         server.jobs = JobRunner(server, config.jobs_db or default_jobs_db(), lease_seconds=config.job_lease_seconds)
         server.jobs.check()
-        server.resumes = Resumes(config.resume_seconds)
+        server.resumes = Resumes(config.resume_seconds, allocator)
+        server.viewers = Viewers(config.max_viewers_per_stream)
+        metrics.viewers = server.viewers.count
         return server
 
     def gpu_entry(self, device_id: int) -> dict:
@@ -81,7 +85,8 @@ class Server:
             "device": load.device.label,
             "name": load.device.name,
             "active_connections": load.active,
-            "held_for_resume": self.resumes.held(device_id) if self.resumes else 0,
+            "held_for_resume": load.held,
+            "viewers": self.viewers.count(device_id) if self.viewers else 0,
             "max_connections": load.limit,
             "free_slots": 0 if self.drain.draining else load.free,
             "allocated_memory_gb": round(MemoryFigures.gb(mem.used_bytes), 2),

@@ -90,6 +90,7 @@ def test_gpu_status_shape(server_url):
         "batch_share",  # issue 8: the share of the device file jobs used lately
         "free_slots",  # issue 15: the room left on the device
         "held_for_resume",  # issue 16: slots kept for clients that dropped and may come back
+        "viewers",  # issue 29: read-only viewers of the device's streams (they take no slot)
     }
     assert gpu0["free_slots"] == gpu0["max_connections"] - gpu0["active_connections"]
     assert gpu0["active_connections"] == 1 and gpu0["max_connections"] == 4

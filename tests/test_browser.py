@@ -165,7 +165,7 @@ def test_speech_becomes_captions_in_the_page(tab, tmp_path_factory, pcm_input):
         assert json.loads(tab.received[-1]) == {"type": "ready_to_stop"}
 
         # what the page sent: binary audio frames in the server's format, then one empty frame
-        assert tab.sockets == [f"ws://{base}/asr"]
+        assert tab.sockets == [f"ws://{base}/asr?updates=incremental"]  # only what changed: an hour stays light
         sent = tab.sent()
         assert {frame["kind"] for frame in sent} == {"binary"}
         assert sent[-1]["size"] == 0 and all(frame["size"] > 0 for frame in sent[:-1])
@@ -215,11 +215,44 @@ def test_over_https_the_page_uses_wss(browser, tmp_path):
             tab.page.goto(f"https://{base}/")
             tab.page.click("#start")
             tab.wait_state("streaming", 20)
-            assert tab.sockets == [f"wss://{base}/asr"]
+            assert tab.sockets == [f"wss://{base}/asr?updates=incremental"]
             tab.page.click("#start")
             tab.wait_state("finished", 20)
         finally:
             tab.context.close()
+
+
+def test_the_viewer_link_shows_the_speakers_captions_live_in_another_tab(browser, tab):
+    """The speaker's page offers its stream's viewer link; opened in another tab (no microphone), it
+    shows the same caption lines as they form and says when the stream has ended."""
+    app = create_app(ServerConfig(simulate_gpus="1x16"), loader=fake_loader)
+    with serve_app(app) as base:
+        speaker = tab.page
+        speaker.goto(f"http://{base}/")
+        speaker.click("#start")
+        tab.wait_state("streaming", 20)
+        speaker.wait_for_selector("#share:not([hidden])", timeout=10_000)
+        link = speaker.get_attribute("#share", "href")
+        assert link.startswith(f"http://{base}/watch/")
+        viewer = Tab(browser)
+        try:
+            viewer.page.goto(link)
+            viewer.wait_state("streaming", 20)
+            assert gpu_status(base)["viewers"] == 1 and gpu_status(base)["active_connections"] == 1
+            viewer.page.wait_for_selector("#captions .line", timeout=30_000)  # captions while it streams
+            assert tab.state() == "streaming"
+            speaker.click("#start")  # Stop
+            tab.wait_state("finished", 30)
+            viewer.wait_state("finished", 30)
+            viewer.screenshot("browser-viewer")
+            said = [t.strip() for t in speaker.locator("#captions .line .text").all_text_contents()]
+            seen = [t.strip() for t in viewer.page.locator("#captions .line .text").all_text_contents()]
+            assert said and seen == said
+            assert viewer.page.text_content("#status").startswith("The stream has ended.")
+            assert viewer.sockets[0].startswith(f"ws://{base}/asr/watch/")
+            assert viewer.console == []
+        finally:
+            viewer.context.close()
 
 
 def test_the_page_asks_for_a_token_and_remembers_it(tab):
@@ -242,7 +275,7 @@ def test_the_page_asks_for_a_token_and_remembers_it(tab):
         page.fill("#token", "s3cret")
         page.press("#token", "Enter")
         tab.wait_state("streaming", 20)
-        assert tab.sockets[-1] == f"ws://{base}/asr?token=s3cret"
+        assert tab.sockets[-1] == f"ws://{base}/asr?updates=incremental&token=s3cret"
         page.click("#start")
         tab.wait_state("finished", 20)
 

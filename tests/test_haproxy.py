@@ -35,7 +35,7 @@ def haproxy_config(tmp: Path, listen: int, backends: list[int]) -> tuple[Path, P
     text = (DEPLOY / "haproxy.cfg").read_text()
     stats = tmp / "haproxy.sock"
     text = text.replace("/run/haproxy/streamserver.sock", str(stats))
-    text = text.replace("/etc/haproxy/errors/streamserver-503.http", str(DEPLOY / "errors" / "streamserver-503.http"))
+    text = text.replace("errorfile 503 errors/", f"errorfile 503 {DEPLOY / 'errors'}/")
     text = text.replace("bind 0.0.0.0:8080", f"bind 127.0.0.1:{listen}")
     text = text.replace("maxconn 4\n", f"maxconn {SLOTS}\n")
     text = re.sub(r"\n    server .*", "", text)
@@ -43,6 +43,15 @@ def haproxy_config(tmp: Path, listen: int, backends: list[int]) -> tuple[Path, P
     path = tmp / "haproxy.cfg"
     path.write_text(text)
     return path, stats
+
+
+def test_the_shipped_config_checks_as_it_is_from_any_folder(tmp_path):
+    """`haproxy -c` on deploy/haproxy/haproxy.cfg unchanged, run from elsewhere: its error file (503 with
+    Retry-After) is found beside it."""
+    check = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Retry-After: " in (DEPLOY / "errors" / "streamserver-503.http").read_text()
 
 
 def server_states(stats: Path) -> dict[str, str]:

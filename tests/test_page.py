@@ -27,11 +27,17 @@ def test_the_page_and_everything_it_loads_are_served_without_a_token():
         assert page.headers["content-type"] == "text/html; charset=utf-8"
         assert page.headers["cache-control"] == "no-cache"
         assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
-        assert sorted(assets) == ["/static/app.js", "/static/style.css"]
+        assert sorted(assets) == ["/static/app.js", "/static/captions.js", "/static/style.css"]
         # the worklet is loaded by the script, only with --pcm-input
         assert '"/static/pcm-worklet.js"' in c.get("/static/app.js").text
+        # a viewer's page (any id: its socket checks the key) loads the same captions code
+        viewer = c.get("/watch/some-stream?key=k")
+        assert viewer.status_code == 200 and viewer.headers["cache-control"] == "no-cache"
+        assert sorted(re.findall(r'(?:src|href)="(/static/[^"]+)"', viewer.text)) == [
+            "/static/captions.js", "/static/style.css", "/static/watch.js"]
         types = {"/static/app.js": "javascript", "/static/style.css": "text/css",
-                 "/static/pcm-worklet.js": "javascript"}
+                 "/static/pcm-worklet.js": "javascript", "/static/captions.js": "javascript",
+                 "/static/watch.js": "javascript"}
         for path, kind in types.items():
             answer = c.get(path)
             assert answer.status_code == 200 and kind in answer.headers["content-type"], path

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -95,7 +96,7 @@ def test_a_dropped_client_resumes_its_stream_and_the_transcript_is_the_uninterru
     before = _until_heard(ws, 5.0)
     _drop(ws)
     wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
-    assert gpu_status(base)["active_connections"] == 1  # the slot is held for the client
+    assert gpu_status(base)["active_connections"] == 0  # held for the client, not a live connection
 
     with _open(base, f"?resume={token}") as again:
         resumed = recv_json(again)
@@ -220,3 +221,43 @@ def test_a_real_two_person_recording_resumed_mid_way_keeps_its_words_and_speaker
     assert lost_ending(reference, text(final)) <= lost_ending(reference, text(whole))  # (tiny.en drops this
     # clip's last two words on its own; the resume must not lose more)
     assert speakers(final) == speakers(whole) == {1, 2}
+
+
+def test_streams_parked_for_resume_never_keep_a_new_client_out(base):
+    """Both slots held by dropped streams: a new client is admitted in the oldest one's slot, whose token
+    then opens nothing, while the other parked stream can still resume. A client that opens and drops
+    sockets in a loop never fills the server."""
+    first, second = _open(base), _open(base)
+    tokens = [recv_json(ws)["resume_token"] for ws in (first, second)]
+    for ws in (first, second):
+        _send(ws, tone(1.0))
+    _drop(first)
+    wait_for(lambda: gpu_status(base)["held_for_resume"] == 1)
+    _drop(second)
+    wait_for(lambda: gpu_status(base)["held_for_resume"] == 2)
+    assert gpu_status(base)["active_connections"] == 0
+
+    newcomer = _open(base)
+    assert recv_json(newcomer)["type"] == "config"  # not 1008: it took the oldest parked stream's slot
+    status = gpu_status(base)
+    assert (status["active_connections"], status["held_for_resume"]) == (1, 1)
+    with _open(base, f"?resume={tokens[0]}") as stale:
+        with pytest.raises(ConnectionClosed) as closed:
+            stale.recv(timeout=10)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Unknown or expired session")
+    with _open(base, f"?resume={tokens[1]}") as back:
+        assert recv_json(back)["resumed"] is True
+        back.close()
+    newcomer.close()
+    wait_for(lambda: gpu_status(base)["active_connections"] == 0)
+
+    for _ in range(12):  # open, send, vanish: each parks a stream (at most the slots are ever held)
+        ws = _open(base)
+        assert recv_json(ws)["type"] == "config"
+        ws.send(tone(0.3))
+        _drop(ws)
+        assert gpu_status(base)["held_for_resume"] <= 2
+    with _open(base) as last:
+        assert recv_json(last)["type"] == "config"
+    metrics = httpx.get(f"http://{base}/metrics").text
+    assert 'streamserver_held_for_resume{gpu_id="0"}' in metrics

@@ -2,10 +2,12 @@
 
 A stream gets a resume token when it starts (and a new one at every resume: each token works once).
 The token is a secret: only its SHA-256 is kept, and the match is confirmed with a constant-time
-comparison. A parked stream keeps its device slot (it still counts in `/gpu-status`, as `held`), its
-session (every committed line, speakers, the decoder's and the diarizer's state) and the count of
-audio bytes received, so the client resends only what was lost. When the time runs out, or the
-server drains, the stream is closed and its slot freed.
+comparison. A parked stream holds its device slot (`Allocator.hold`: `/gpu-status` counts it as
+`held_for_resume`, not as an active connection), its session (every committed line, speakers, the
+decoder's and the diarizer's state) and the count of audio bytes received, so the client resends only
+what was lost. When the time runs out, when the server drains, or when a new connection needs the
+slot (the oldest parked stream gives its slot up first: a client that drops connections in a loop
+never keeps others out), the stream is closed and its token stops working.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass, field
+
+from gpu_manager import Allocator
 
 from ..audio.decoders import Decoder
 from .stream import LiveStream
@@ -37,8 +41,10 @@ class Parked:
 
 
 class Resumes:
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, allocator: Allocator) -> None:
         self.seconds = seconds
+        self.allocator = allocator
+        allocator.on_preempt = self._preempted
         self._digests: dict[str, bytes] = {}  # stream id -> digest of its current token
         self._parked: dict[bytes, Parked] = {}
 
@@ -60,6 +66,7 @@ class Resumes:
         parked.expiry = asyncio.get_running_loop().call_later(self.seconds, self._expire, digest)
         self._parked[digest] = parked
         stream.parked = True
+        self.allocator.hold(stream.id)
         log.info("Connection %s: client gone, stream kept %.0f s for it to resume", stream.id, self.seconds)
 
     def take(self, token: str) -> Parked | None:
@@ -72,23 +79,30 @@ class Resumes:
         self._digests.pop(parked.stream.id, None)
         if parked.expiry is not None:
             parked.expiry.cancel()
-        if parked.stream.closed:
+        if parked.stream.closed or not self.allocator.unhold(parked.stream.id):
             return None
         parked.stream.parked = False
         return parked
-
-    def held(self, device_id: int) -> int:
-        """Slots of this device held for clients that may come back."""
-        return sum(1 for p in self._parked.values() if p.stream.device.id == device_id)
 
     def forget(self, stream: LiveStream) -> None:
         self._digests.pop(stream.id, None)
 
     def _expire(self, digest: bytes) -> None:
+        self._release(digest, "not resumed in %.0f s, released" % self.seconds)
+
+    def _preempted(self, stream_id: str) -> None:
+        """A new connection took this parked stream's slot (the allocator already freed it)."""
+        digest = self._digests.get(stream_id)
+        if digest is not None:
+            self._release(digest, "slot given to a new connection, released")
+
+    def _release(self, digest: bytes, why: str) -> None:
         parked = self._parked.pop(digest, None)
         if parked is not None:
             self._digests.pop(parked.stream.id, None)
-            log.info("Connection %s: not resumed in %.0f s, released", parked.stream.id, self.seconds)
+            if parked.expiry is not None:
+                parked.expiry.cancel()
+            log.info("Connection %s: %s", parked.stream.id, why)
             asyncio.ensure_future(parked.stream.close())
 
     async def close_all(self) -> None:

@@ -5,13 +5,15 @@ device scheduler, and its newest state; it frees all of them exactly once, in
 `close()`. Protocol adapters (`streamserver/protocols/`) own the socket: they feed
 decoded audio in (`feed`, `end`, `cut`) and take states out of `updates`, a slot
 that keeps only the newest one, so a slow client gets fewer updates, never a
-growing queue. The stream's processing task does not belong to a socket: a
-dropped `/asr` client can come back to the same stream (`resume.py`).
+growing queue. Viewers (`viewers.py`) each get a slot of their own (`watch`). The
+stream's processing task does not belong to a socket: a dropped `/asr` client can
+come back to the same stream (`resume.py`), and its viewers stay.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,19 +47,26 @@ class StreamUpdate:
 
 
 class UpdateSlot:
-    """The single newest update waiting for a sender; `put` replaces what is there."""
+    """The single newest update waiting for a sender; `put` replaces what is there. After `close`
+    (the stream went away), `take` answers what is left, then None."""
 
     def __init__(self) -> None:
         self._value: StreamUpdate | None = None
         self._event = asyncio.Event()
+        self._closed = False
 
     def put(self, value: StreamUpdate) -> None:
         self._value = value
         self._event.set()
 
-    async def take(self) -> StreamUpdate:
+    def close(self) -> None:
+        self._closed = True
+        self._event.set()
+
+    async def take(self) -> StreamUpdate | None:
         await self._event.wait()
-        self._event.clear()
+        if not self._closed:
+            self._event.clear()
         value, self._value = self._value, None
         return value
 
@@ -71,6 +80,8 @@ class LiveStream:
         self.runtime = server.runtimes[device.id]
         self.inbox = AudioInbox()
         self.updates = UpdateSlot()
+        self.viewer_key = secrets.token_urlsafe(24)  # opens /asr/watch/<id>; not the resume token
+        self.viewers: set[UpdateSlot] = set()
         self.meter = StreamMeter(server.metrics, device.id)
         self.latest: StreamUpdate | None = None  # the newest state (a resumed client gets it first)
         self.received_bytes = 0  # what the client sent, as it sent it (before decoding)
@@ -88,6 +99,7 @@ class LiveStream:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         self.server.drain.register(self)
+        self.server.viewers.add(self)
         self._task = asyncio.create_task(self._run())
 
     async def wait(self) -> None:
@@ -109,7 +121,25 @@ class LiveStream:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.server.drain.unregister(self)
+        self.server.viewers.remove(self)
+        for slot in self.viewers:
+            slot.close()
         self.server.allocator.release(self.id)
+
+    # -- viewers (viewers.py) ---------------------------------------------------
+    def watch(self, limit: int) -> UpdateSlot | None:
+        """A slot of the stream's updates for a viewer (the newest state first); None with `limit`
+        viewers already, or once the stream is closed."""
+        if self.closed or len(self.viewers) >= limit:
+            return None
+        slot = UpdateSlot()
+        if self.latest is not None:
+            slot.put(self.latest)
+        self.viewers.add(slot)
+        return slot
+
+    def unwatch(self, slot: UpdateSlot) -> None:
+        self.viewers.discard(slot)
 
     # -- input (event loop) -------------------------------------------------
     def feed(self, audio: np.ndarray, raw_bytes: int = 0) -> None:
@@ -181,6 +211,8 @@ class LiveStream:
     def _publish(self, state: CaptionState, final: bool = False, drained: bool = False) -> None:
         self.latest = StreamUpdate(state, self.inbox.received_seconds, final, drained)
         self.updates.put(self.latest)
+        for slot in self.viewers:
+            slot.put(self.latest)
 
     async def _infer(self, steps) -> CaptionState:
         """Run a session step in the device scheduler's next round, and record what it did in the metrics."""

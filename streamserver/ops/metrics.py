@@ -68,16 +68,20 @@ class RealtimeWindow:
 class _DeviceCollector:
     """Per-device gauges read when Prometheus scrapes: connections, memory, utilisation, realtime factor."""
 
-    def __init__(self, allocator: Allocator, memory: MemoryMonitor, realtime: RealtimeWindow) -> None:
+    def __init__(self, allocator: Allocator, memory: MemoryMonitor, realtime: RealtimeWindow,
+                 viewers: Callable[[int], int]) -> None:
         self.allocator = allocator
         self.memory = memory
         self.realtime = realtime
+        self.viewers = viewers
 
     def collect(self) -> Iterable[Metric]:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, doc, labels=["gpu_id"])
 
         active = gauge("active_connections", "Live /asr connections on the device")
+        held = gauge("held_for_resume", "Slots held for streams whose client dropped and may resume")
+        watching = gauge("viewers", "Read-only viewers of the device's streams (they take no slot)")
         slots = gauge("max_connections", "Connection slots of the device (its limit)")
         room = gauge("free_slots", "Connection slots a new stream could take on the device")
         used = gauge("gpu_memory_used_bytes", "Device memory in use (NVML; accounted bytes when simulated)")
@@ -89,6 +93,8 @@ class _DeviceCollector:
             label = [str(load.device.id)]
             figures = self.memory.figures(load.device)
             active.add_metric(label, load.active)
+            held.add_metric(label, load.held)
+            watching.add_metric(label, self.viewers(load.device.id))
             slots.add_metric(label, load.limit)
             room.add_metric(label, load.free)
             used.add_metric(label, figures.used_bytes)
@@ -96,7 +102,7 @@ class _DeviceCollector:
             total.add_metric(label, figures.total_bytes)
             util.add_metric(label, figures.utilization_percent / 100.0)
             rtf.add_metric(label, self.realtime.factor(load.device.id))
-        return [active, slots, room, used, free, total, util, rtf]
+        return [active, held, watching, slots, room, used, free, total, util, rtf]
 
 
 class _JobCollector:
@@ -149,7 +155,9 @@ class Metrics:
                                            "Device time spent on file (job) work", gpu, registry=r)
         self._file_window: deque[tuple[float, float]] = deque()  # (time, seconds) of file chunks done
         self._jobs = None
-        r.register(_DeviceCollector(allocator, memory, self.realtime))
+        # Viewers per device: set by the server once it has its viewer registry.
+        self.viewers: Callable[[int], int] = lambda gpu_id: 0
+        r.register(_DeviceCollector(allocator, memory, self.realtime, lambda gpu_id: self.viewers(gpu_id)))
         r.register(_JobCollector(self))
         for d in allocator.devices:  # every series exists from the start, at zero
             g = str(d.id)

@@ -1,19 +1,19 @@
-"""`/asr`: WhisperLiveKit's protocol, as the contract gives it (binary audio in, full caption state out).
+"""`/asr`: WhisperLiveKit's protocol, as the contract gives it (binary audio in, caption state out:
+whole by default, or only what changed with `?updates=incremental`, `asr_updates.py`).
 
 The adapter owns the socket and two tasks: the receiver (socket → decoder → the
-stream) and the sender (the stream's newest state → an update message, repeated
-at least once a second with its remaining times grown while audio flows). The
-stream's work and its slot belong to the `LiveStream`. A client whose socket drops
-without its end of stream may come back with its resume token (`resume.py`): the
-stream is parked, not closed, for `--resume-seconds`.
+stream; the only text frame it takes is `{"type": "snapshot"}`) and the sender
+(`asr_updates.send_updates`). The stream's work and its slot belong to the
+`LiveStream`. A client whose socket drops without its end of stream may come back
+with its resume token (`resume.py`): the stream is parked, not closed, for
+`--resume-seconds`. Its viewers (`asr_watch.py`) watch the stream, not the socket.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import time
 import uuid
-from dataclasses import dataclass
 
 from starlette.websockets import WebSocket
 
@@ -29,10 +29,12 @@ from ..errors import (
     ShuttingDown,
 )
 from ..live.admission import Refusal, admit, admit_resume
-from ..live.stream import HEARTBEAT_SECONDS, LiveStream, StreamUpdate
+from ..live.stream import LiveStream, StreamUpdate
+from ..live.viewers import viewer_path
 from ..server import Server
 from ..live.session import SessionOptions
 from . import asr_wire as wire
+from .asr_updates import UPDATE_MODES, UpdateEncoder, send_updates
 
 log = logging.getLogger("gpu_manager")
 errlog = logging.getLogger("streamserver.connection")
@@ -40,22 +42,6 @@ errlog = logging.getLogger("streamserver.connection")
 
 class ClientGone(Exception):
     """The peer closed or vanished: nothing more can be sent."""
-
-
-@dataclass(frozen=True)
-class Update:
-    """An update message and how much audio had arrived when its state was taken."""
-
-    message: dict
-    received_seconds: float
-
-    def aged(self, received_seconds: float) -> "Update":
-        """The same captions, later: the audio heard since is still waiting in both stages."""
-        extra = received_seconds - self.received_seconds
-        message = dict(self.message)
-        for key in ("remaining_time_transcription", "remaining_time_diarization"):
-            message[key] = round(message[key] + extra, 2)
-        return Update(message, received_seconds)
 
 
 def session_options(server: Server, websocket: WebSocket) -> SessionOptions:
@@ -72,8 +58,7 @@ async def asr_endpoint(websocket: WebSocket) -> None:
         await resume_asr(server, websocket, websocket.query_params["resume"])
         return
     stream_id = str(uuid.uuid4())
-    bad = None if fmt in FORMATS else f"Unsupported format {fmt!r} (use pcm, webm, ogg or auto)"
-    admitted = await admit(server, websocket, stream_id, bad)
+    admitted = await admit(server, websocket, stream_id, _bad_request(fmt, _updates_mode(websocket)))
     if isinstance(admitted, Refusal):
         await refuse(websocket, admitted)
         return
@@ -83,9 +68,23 @@ async def asr_endpoint(websocket: WebSocket) -> None:
     await _serve(server, AsrClient(websocket, stream, make_decoder(fmt), fmt))
 
 
+def _updates_mode(websocket: WebSocket) -> str:
+    return websocket.query_params.get("updates") or "full"
+
+
+def _bad_request(fmt: str, updates: str) -> str | None:
+    if fmt not in FORMATS:
+        return f"Unsupported format {fmt!r} (use pcm, webm, ogg or auto)"
+    if updates not in UPDATE_MODES:
+        return f"Unsupported updates mode {updates!r} (use full or incremental)"
+    return None
+
+
 async def resume_asr(server: Server, websocket: WebSocket, token: str) -> None:
     """A client back with its resume token: its own stream again, from where the server had got."""
     refusal = await admit_resume(server, websocket)
+    if refusal is None and _updates_mode(websocket) not in UPDATE_MODES:
+        refusal = Refusal("format", 1008, _bad_request("auto", _updates_mode(websocket)))
     if refusal is not None:
         await refuse(websocket, refusal)
         return
@@ -133,19 +132,23 @@ class AsrClient:
         self.decoder = decoder
         self.format = fmt
         self.config = stream.server.config
+        self.encoder = UpdateEncoder(_updates_mode(websocket) == "incremental")
 
     def config_message(self, extra: dict) -> dict:
         stream = self.stream
         return wire.config_message(wire.ConfigInfo(
             gpu_id=stream.device.id, connection_id=stream.id, device=stream.device.label,
-            model=self.config.model_label, diarization=self.config.diarization, format=self.format, extra=extra,
-        ))
+            model=self.config.model_label, diarization=self.config.diarization, format=self.format,
+            extra={"viewer_url": viewer_path(stream), **extra},
+        ), mode=self.encoder.mode)
 
     async def serve(self, resume_token: str | None, resumed: dict | None = None) -> bool:
         """The stream over this socket until its end; True if the client vanished mid-stream and the
         stream should wait for it to come back (it has a resume token), False when it is over."""
         extra = {"resume_token": resume_token} if resume_token else {}
         await self._send(self.config_message({**extra, **(resumed or {})}))
+        if self.stream.latest is not None:  # a resumed client gets the current state first
+            self.stream.updates.put(self.stream.latest)
         stream = self.stream
         tasks = {asyncio.create_task(c) for c in (self._receive(), self._send_updates(), stream.wait(),
                                                    self._wait_for_abort())}
@@ -186,7 +189,8 @@ class AsrClient:
                 return "gone" if message.get("code", 1006) in (1005, 1006) else "left"
             data = message.get("bytes")
             if data is None:
-                raise NotBinary()
+                self._snapshot_request(message.get("text"))
+                continue
             if len(data) > self.config.max_frame_bytes:
                 raise FrameTooLarge(len(data), self.config.max_frame_bytes)
             try:
@@ -198,45 +202,33 @@ class AsrClient:
                 stream.end()
                 return "ended"
 
+    def _snapshot_request(self, text: str | None) -> None:
+        """`{"type": "snapshot"}`: the next update carries every line. Any other text frame is an error."""
+        try:
+            request = json.loads(text or "")
+        except ValueError:
+            request = None
+        if not (isinstance(request, dict) and request.get("type") == "snapshot"):
+            raise NotBinary()
+        self.encoder.snapshot()
+        if self.stream.latest is not None and not self.stream.latest.final:
+            self.stream.updates.put(self.stream.latest)  # wake the sender: sent even if nothing changed
+
     async def _wait_for_abort(self) -> None:
         await self.stream.aborted.wait()
         raise ShuttingDown()
 
     # -- sender: the stream's newest state → socket ------------------------
     async def _send_updates(self) -> str:
-        """Send each new state (dropping unchanged ones); while audio flows and the worker is
-        busy, repeat the last one at least once a second with its remaining times grown."""
         stream = self.stream
-        last: Update | None = None
-        last_at = 0.0
-        if stream.latest is not None:  # a resumed client gets the current state first
-            last = Update(wire.update_message(stream.latest.state), stream.latest.received_seconds)
-            await self._send(last.message)
-            last_at = time.monotonic()
-            if stream.latest.final:
-                return await self._send_final(stream.latest)
-        while True:
-            try:
-                async with asyncio.timeout(HEARTBEAT_SECONDS):
-                    item: StreamUpdate = await stream.updates.take()
-            except TimeoutError:
-                heard = stream.inbox.received_seconds
-                if last is not None and heard > last.received_seconds:
-                    last = last.aged(heard)
-                    await self._send(last.message)
-                    last_at = time.monotonic()
-                continue
-            if item.final:
-                return await self._send_final(item)
-            message = wire.update_message(item.state)
-            now = time.monotonic()
-            if last is None or message != last.message or now - last_at >= HEARTBEAT_SECONDS:
-                await self._send(message)
-                last_at = now
-            last = Update(message, item.received_seconds)
+        final = await send_updates(stream.updates, self.encoder, self._send, lambda: stream.inbox.received_seconds,
+                                   self.config.max_updates_per_second)
+        if final is None:  # the stream was closed under the socket (it never does while served)
+            return "left"
+        return await self._send_final(final)
 
     async def _send_final(self, item: StreamUpdate) -> str:
-        await self._send(wire.update_message(item.state))
+        await self._send(self.encoder.encode(item.state, force=True))
         if item.drained:  # the last update, then 1001 (no ready_to_stop: the client never ended)
             await self._close(1001, SHUTTING_DOWN)
         else:

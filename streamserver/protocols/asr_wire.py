@@ -31,11 +31,11 @@ def format_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}.{cc:02d}"
 
 
-def config_message(info: ConfigInfo) -> dict:
+def config_message(info: ConfigInfo, mode: str = "full") -> dict:
     return {
         "type": "config",
         "useAudioWorklet": info.format == "pcm",
-        "mode": "full",
+        "mode": mode,
         "gpu_id": info.gpu_id,
         "connection_id": info.connection_id,
         "device": info.device,
@@ -58,16 +58,28 @@ def line_message(line: Line) -> dict:
     }
 
 
-def update_message(state: CaptionState) -> dict:
+def update_fields(state: CaptionState) -> dict:
+    """An update's fields beside its lines."""
     return {
         "status": "active_transcription" if state.speech_detected else "no_audio_detected",
-        "lines": [line_message(line) for line in state.lines],
         "buffer_transcription": state.buffer_transcription,
         "buffer_diarization": state.buffer_diarization,
         "buffer_translation": "",
         "remaining_time_transcription": round(max(state.remaining_transcription, 0.0), 2),
         "remaining_time_diarization": round(max(state.remaining_diarization, 0.0), 2),
     }
+
+
+def update_message(state: CaptionState) -> dict:
+    """The whole state (`full` mode: WhisperLiveKit's update)."""
+    fields = update_fields(state)
+    return {"status": fields.pop("status"), "lines": [line_message(line) for line in state.lines], **fields}
+
+
+def incremental_message(seq: int, from_line: int, lines: list[dict], fields: dict) -> dict:
+    """`incremental` mode: the lines from `from_line` on (every one before it is unchanged)."""
+    rest = dict(fields)
+    return {"status": rest.pop("status"), "seq": seq, "from_line": from_line, "lines": lines, **rest}
 
 
 def error_message(message: str, code: int) -> dict:

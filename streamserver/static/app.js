@@ -8,6 +8,8 @@
 // A dropped connection (no close frame: the network went) is resumed: the page
 // keeps recording, reconnects with the `resume_token` of the last `config`, and
 // resends what the server had not received (`received_bytes`) before going on.
+// Updates come incremental (`?updates=incremental`: the lines that changed, captions.js), and the
+// `config`'s `viewer_url` is offered as a link: a read-only page of the same captions (watch.js).
 "use strict";
 
 (() => {
@@ -15,8 +17,6 @@
   const CONFIG_WAIT_MS = 5000; // a server that sends no `config` gets the default recorder after this
   const STOP_WAIT_MS = 120000; // after Stop, give up on the server's close after this
   const TOKEN_KEY = "streamserver.token";
-  const SILENCE = -2;
-  const SPEAKER_COLORS = 8; // --speaker-1 … --speaker-8 in style.css
   const RESUME_FOR_MS = 30000; // how long to keep trying to resume a dropped stream
   const RESUME_RETRY_MS = 1000;
   const KEEP_SENT_BYTES = 16 * 1024 * 1024; // audio kept for resending after a drop
@@ -34,11 +34,11 @@
     captions: $("captions"),
     lag: $("lag"),
     format: $("format"),
+    share: $("share"),
   };
   const pageQuery = new URLSearchParams(location.search);
 
   let run = null; // the current stream: socket, microphone, audio graph, recorder
-  let rendered = []; // [{key, el}] for each caption line on screen, so unchanged lines are kept
 
   // ---- what a close means to the person reading the page --------------------------------
 
@@ -122,107 +122,14 @@
     if (focus) ui.token.focus();
   }
 
-  // ---- captions --------------------------------------------------------------------
+  // ---- captions (captions.js) -------------------------------------------------------
 
-  function speakerColor(speaker) {
-    return speaker > 0 ? `var(--speaker-${((speaker - 1) % SPEAKER_COLORS) + 1})` : "var(--muted)";
-  }
+  const captions = window.StreamCaptions.create({ captions: ui.captions, lag: ui.lag });
 
-  function shortTime(text, seconds) {
-    if (typeof text === "string" && text) return text.replace(/^0:(?=\d\d:)/, ""); // H:MM:SS.cc → MM:SS.cc
-    if (typeof seconds !== "number") return "";
-    const m = Math.floor(seconds / 60);
-    const s = (seconds - 60 * m).toFixed(2).padStart(5, "0");
-    return `${String(m).padStart(2, "0")}:${s}`;
-  }
-
-  function el(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function timeRange(line) {
-    const t = el("time", "when", `${shortTime(line.start, line.start_s)} – ${shortTime(line.end, line.end_s)}`);
-    if (typeof line.start_s === "number") t.dateTime = `PT${line.start_s}S`;
-    return t;
-  }
-
-  function lineElement(line) {
-    if (line.speaker === SILENCE) {
-      const gap = el("div", "gap");
-      const seconds = typeof line.start_s === "number" ? ` ${(line.end_s - line.start_s).toFixed(1)} s` : "";
-      gap.append(el("span", "gap-label", `silence${seconds}`), timeRange(line));
-      return gap;
-    }
-    const row = el("div", "line");
-    row.dataset.speaker = String(line.speaker);
-    row.style.setProperty("--speaker", speakerColor(line.speaker));
-    const meta = el("div", "meta");
-    meta.append(el("span", "who", line.speaker > 0 ? `Speaker ${line.speaker}` : "Speaker …"), timeRange(line));
-    row.append(meta, el("p", "text", line.text || ""));
-    return row;
-  }
-
+  /** An update from the server; one that does not follow the last (incremental mode) asks for all again. */
   function render(update) {
-    const lines = Array.isArray(update.lines) ? update.lines : [];
-    const atBottom = ui.captions.scrollHeight - ui.captions.scrollTop - ui.captions.clientHeight < 40;
-    ui.captions.querySelectorAll(".placeholder, .pending, .buffer").forEach((n) => n.remove());
-
-    lines.forEach((line, i) => {
-      const key = JSON.stringify([line.speaker, line.text, line.start, line.end]);
-      if (rendered[i] && rendered[i].key === key) return;
-      const node = lineElement(line);
-      if (rendered[i]) rendered[i].el.replaceWith(node);
-      else ui.captions.append(node);
-      rendered[i] = { key, el: node };
-    });
-    rendered.splice(lines.length).forEach((r) => r.el.remove());
-
-    // Words not final yet, greyed: after the last speech line, or on a row of their own.
-    const diar = update.buffer_diarization || "";
-    const trans = update.buffer_transcription || "";
-    if (diar.trim() || trans.trim()) {
-      const last = lines[lines.length - 1];
-      let host;
-      if (last && last.speaker !== SILENCE) {
-        host = rendered[lines.length - 1].el.querySelector(".text");
-      } else {
-        const row = el("div", "line pending");
-        row.style.setProperty("--speaker", "var(--muted)");
-        const meta = el("div", "meta");
-        meta.append(el("span", "who", "…"));
-        host = el("p", "text");
-        row.append(meta, host);
-        ui.captions.append(row);
-      }
-      if (diar.trim()) host.append(el("span", "buffer buffer-diarization", spaced(host, diar)));
-      if (trans.trim()) host.append(el("span", "buffer buffer-transcription", spaced(host, trans)));
-    }
-    if (!ui.captions.children.length) {
-      const quiet = update.status === "no_audio_detected";
-      ui.captions.append(el("p", "placeholder", quiet ? "Listening… no speech yet." : "Captions appear here as you speak."));
-    }
-    if (atBottom) ui.captions.scrollTop = ui.captions.scrollHeight;
-
-    const lagT = Number(update.remaining_time_transcription) || 0;
-    const lagD = Number(update.remaining_time_diarization) || 0;
-    const parts = [];
-    if (lagT > 0.1) parts.push(`transcription ${lagT.toFixed(1)} s behind`);
-    if (lagD > 0.1) parts.push(`speakers ${lagD.toFixed(1)} s behind`);
-    ui.lag.textContent = parts.join(" · ");
-  }
-
-  function spaced(host, text) {
-    const before = host.textContent;
-    return before && !/\s$/.test(before) && !/^\s/.test(text) ? " " + text : text;
-  }
-
-  function clearCaptions() {
-    rendered = [];
-    ui.captions.replaceChildren(el("p", "placeholder", "Captions appear here as you speak."));
-    ui.lag.textContent = "";
+    if (!captions.apply(update) && run && run.ws && run.ws.readyState === WebSocket.OPEN)
+      run.ws.send(JSON.stringify({ type: "snapshot" }));
   }
 
   // ---- level meter -----------------------------------------------------------------
@@ -369,7 +276,7 @@
   // ---- the socket ------------------------------------------------------------------
 
   function socketUrl(token, wantPcm, resumeToken) {
-    const params = new URLSearchParams();
+    const params = new URLSearchParams({ updates: "incremental" }); // only what changed: an hour stays light
     if (resumeToken) params.set("resume", resumeToken);
     for (const name of ["format", "language"]) if (pageQuery.get(name)) params.set(name, pageQuery.get(name));
     if (wantPcm && !params.has("format")) params.set("format", "pcm");
@@ -384,6 +291,10 @@
     ui.device.textContent = config.model ? `${where} · ${config.model}` : where;
     ui.device.title = config.connection_id ? `connection ${config.connection_id}` : "";
     ui.device.hidden = false;
+    if (config.viewer_url) {
+      ui.share.href = new URL(config.viewer_url, location.href).href;
+      ui.share.hidden = false;
+    }
   }
 
   function onMessage(r, event) {
@@ -454,7 +365,7 @@
     }
     if (normal && (r.readyToStop || r.stopping)) {
       ui.lag.textContent = "";
-      const count = rendered.filter((x) => x.el.classList.contains("line")).length;
+      const count = captions.speechLines();
       setState("finished", r.readyToStop
         ? `Finished. ${count} caption line${count === 1 ? "" : "s"}.`
         : "Stopped. The server closed before confirming that it had processed all the audio.");
@@ -522,8 +433,9 @@
       ctx.close().catch(() => {});
       return;
     }
-    clearCaptions();
+    captions.clear();
     ui.device.hidden = true;
+    ui.share.hidden = true;
     ui.format.textContent = "";
     r.source = ctx.createMediaStreamSource(r.stream);
     startMeter(r);
