@@ -138,3 +138,36 @@ def test_real_nvml_absent_here_falls_back_to_cpu():
     devices = discover().devices
     assert [d.kind for d in devices] == ["cpu"]
     assert re.fullmatch(r"cpu", devices[0].label)
+
+
+def test_a_full_device_gives_its_oldest_held_slot_to_a_new_connection(caplog):
+    devices, memory = four_simulated()
+    alloc = Allocator(devices[:1], 2, memory)
+    taken = []
+    alloc.on_preempt = taken.append
+    alloc.allocate("a")
+    alloc.allocate("b")
+    alloc.hold("b")
+    alloc.hold("a")  # a was held after b: b is the oldest held slot
+    assert (alloc.active(0), alloc.held(0), alloc.total_active(), alloc.has_room()) == (0, 2, 0, True)
+    with caplog.at_level(logging.INFO, logger="gpu_manager"):
+        assert alloc.allocate("c").id == 0
+    assert taken == ["b"]
+    assert any(r.getMessage().startswith("Released GPU 0 from connection b (Remaining: 0 connections")
+               for r in caplog.records)
+    assert alloc.release("b") is None  # already given away: releasing it again frees nothing
+    assert alloc.unhold("b") is False
+    assert alloc.unhold("a") is True  # its client came back: live again, no longer takeable
+    assert (alloc.active(0), alloc.held(0)) == (2, 0)
+    assert alloc.allocate("d") is None and taken == ["b"]
+
+
+def test_a_held_slot_on_a_device_over_its_lowered_limit_is_not_given_away():
+    devices, memory = four_simulated()
+    alloc = Allocator(devices[:1], 3, memory)
+    for c in "abc":
+        alloc.allocate(c)
+    alloc.hold("c")
+    alloc.set_limit(0, 2)  # two live connections already fill the lowered limit
+    assert alloc.allocate("d") is None
+    assert alloc.held(0) == 1
