@@ -9,10 +9,10 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from gpu_manager import GIB
+from gpu_manager import GIB, Allocator, MemoryMonitor, discover
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
-from streamserver.ops.metrics import RealtimeWindow
+from streamserver.ops.metrics import Metrics, RealtimeWindow
 from streamserver.live.captions import CaptionState, Line
 from streamserver.live.stream_meter import ArrivalLog
 from tests.fakes import FakeNvml, fake_loader, tone
@@ -145,6 +145,19 @@ def test_caption_lag_is_measured_from_the_arrival_of_the_committed_audio():
     assert log.lag_of(silence) is None  # a silence line commits no words
     beyond = CaptionState(lines=(Line(1, "w0 w1 w2", 0.0, 3.2),))
     assert log.lag_of(beyond) == pytest.approx(1.0)  # past what arrived: the latest arrival
+
+
+def test_an_hour_of_silence_does_not_grow_the_stream_meter():
+    """Arrivals are kept only while a commit can still be measured against them: a stream that hears
+    nothing but silence for an hour (50 frames a second) holds a few, not 180,000."""
+    from streamserver.live.stream_meter import StreamMeter
+
+    meter = StreamMeter(Metrics(Allocator(discover(simulate="1x16").devices, 4), MemoryMonitor()), 0)
+    for i in range(1, 3600 * 50 + 1):
+        meter.audio_in(0.02, i * 0.02)
+        if i % 10 == 0:  # a step every 0.2 s: everything received is processed, no speech
+            meter.step_done(CaptionState(remaining_transcription=0.0), i * 0.02)
+    assert len(meter.arrivals._marks) <= 2 * 50 * 2 + 10
 
 
 @pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="prometheus is not installed (apt-get install prometheus)")

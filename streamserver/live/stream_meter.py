@@ -4,7 +4,8 @@ The connection knows when audio arrived, the session's updates say which
 stream time has been committed and how far processing has got. `ArrivalLog`
 remembers at what wall time the stream reached each length; when an update
 commits words up to stream time T, the caption lag is now minus the time
-stream time T had been received.
+stream time T had been received. The log keeps only the arrivals a later commit can still be
+measured against (`forget_before`), so an hour of silence does not grow it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Callable
 
 from ..ops.metrics import Metrics
 from .captions import SILENCE_SPEAKER, CaptionState
+
+PAUSE_MARGIN_SECONDS = 2.0
 
 
 def committed_until(state: CaptionState) -> float:
@@ -35,6 +38,12 @@ class ArrivalLog:
     def received(self, stream_seconds: float) -> None:
         """The stream now holds `stream_seconds` of audio."""
         self._marks.append((stream_seconds, self.clock()))
+
+    def forget_before(self, stream_seconds: float) -> None:
+        """No word will be committed that ends before `stream_seconds`: keep only the arrival that
+        reached it last and the ones after."""
+        while len(self._marks) > 1 and self._marks[1][0] <= stream_seconds:
+            self._marks.popleft()
 
     def lag_of(self, state: CaptionState) -> float | None:
         """Seconds between the arrival of the newest committed word's audio and now, if the update commits more."""
@@ -77,3 +86,12 @@ class StreamMeter:
         lag = self.arrivals.lag_of(state)
         if lag is not None:
             self.metrics.observe_caption_lag(self.gpu_id, lag)
+        self.arrivals.forget_before(self._committable_from(state, processed))
+
+    @staticmethod
+    def _committable_from(state: CaptionState, processed: float) -> float:
+        """The earliest stream time a later commit can reach: the end of the last utterance (its ending
+        check may still add words), or, in a pause, a little before what has been processed (the
+        VAD moves a speech start back by its padding)."""
+        floor = state.speech_ends[-1] if state.speech_ends else 0.0
+        return floor if state.in_speech else max(floor, processed - PAUSE_MARGIN_SECONDS)
