@@ -1,6 +1,7 @@
 """The Starlette application: routes and the server's lifespan."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -10,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from .ops.admin import load_models, unload_models
+from .ops import heap
 from .ops.auth import require_token
 from .config import ServerConfig
 from .protocols.asr import asr_endpoint
@@ -61,7 +63,9 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         server.jobs.start()
+        trimmer = asyncio.create_task(heap.keep_trimmed())
         yield
+        trimmer.cancel()
         await server.resumes.close_all()
         await server.jobs.stop()
         server.shutdown()
