@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from backends.asr_types import Segment, Word
-from streamserver.live.policy import HypothesisBuffer, LocalAgreementPolicy
+from streamserver.live.policy import MAX_PENDING_SECONDS, HypothesisBuffer, LocalAgreementPolicy
 from streamserver.live.transcript import Transcript
 
 
@@ -21,6 +21,27 @@ def test_commits_only_the_prefix_two_hypotheses_agree_on():
     assert [w.text for w in buf.insert(words((0.5, "world"), (1.0, "how"), (1.5, "are")))] == [" world", " how"]
     assert [w.text for w in buf.flush()] == [" are"]
     assert buf.pending == []
+
+
+def test_a_word_two_hypotheses_keep_disagreeing_on_does_not_hold_the_words_after_it_for_long():
+    """The head word flips between two readings at every decode ("nice" / "I"): under the strict prefix
+    rule nothing after it is ever agreed. A word that ended `MAX_PENDING_SECONDS` before the end of what
+    the decode heard is committed as the newest decode says it; no word is lost or said twice."""
+    heads = ["nice", "I"]
+
+    def hypothesis(i: int) -> list[Word]:
+        return words((0.0, heads[i % 2]), (0.5, "thing"), (1.0, "yeah"), (1.5, "that's"), (2.0, "the"), (2.5, "one"))
+
+    strict = HypothesisBuffer()
+    assert all(strict.insert(hypothesis(i)) == [] for i in range(6))
+
+    buf = HypothesisBuffer()
+    committed = []
+    for i, heard in enumerate([1.5, 2.5, 3.5, 4.5, 5.5]):
+        for w in buf.insert([w for w in hypothesis(i) if w.end <= heard], heard_until=heard):
+            committed.append((heard, w))
+    assert [w.text.strip() for _, w in committed] == ["I", "thing", "yeah", "that's", "the", "one"]
+    assert all(heard - w.end <= MAX_PENDING_SECONDS + 1.0 for heard, w in committed)  # 2 s and one decode
 
 
 def test_words_repeated_from_the_committed_tail_are_not_committed_twice():

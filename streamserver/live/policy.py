@@ -32,6 +32,12 @@ SAME_PLACE_SECONDS = 1.0
 # A window that ends inside the buffer may end inside a word: its words ending this close to the
 # window's end are left for the next decode, which hears them whole.
 EDGE_SECONDS = 0.5
+# How long a heard word may wait for two hypotheses to agree on it: a word that ended this long
+# before the end of the audio a decode heard is committed as that decode says it. Hypotheses that
+# keep disagreeing (a word spelt two ways in turn, a phrase timed differently each time) otherwise
+# held every word after them, seconds at a time, until the utterance ended: in a two-person call,
+# words 6-8 s after they were spoken. The newest decode heard the most context around the word.
+MAX_PENDING_SECONDS = 2.0
 
 
 def agreed_prefix(old: list[Word], new: list[Word], max_shift: float = math.inf) -> int:
@@ -56,11 +62,15 @@ class HypothesisBuffer:
         self.recent_committed: list[Word] = []  # committed words still inside the audio buffer
         self.pending: list[Word] = []  # previous hypothesis, after its committed prefix
 
-    def insert(self, words: list[Word]) -> list[Word]:
-        """Commit the prefix `words` shares with the previous hypothesis; keep the rest pending."""
+    def insert(self, words: list[Word], heard_until: float = -math.inf) -> list[Word]:
+        """Commit the prefix `words` shares with the previous hypothesis, and after it every word that
+        ended `MAX_PENDING_SECONDS` before `heard_until` (the end of the audio this decode heard
+        whole; by default none has); keep the rest pending."""
         new = [w for w in words if w.start > self.committed_until - 0.1]
         new = self._drop_repeated_head(new)
         agreed = agreed_prefix(self.pending, new, SAME_PLACE_SECONDS)
+        while agreed < len(new) and new[agreed].end <= heard_until - MAX_PENDING_SECONDS:
+            agreed += 1
         commit, self.pending = new[:agreed], new[agreed:]
         return self._committed(commit)
 
@@ -297,9 +307,11 @@ class LocalAgreementPolicy(UtteranceBuffer):
         # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
         # now; without a prompt it was a free decode already.
         self._last_decode = self._ending_of(job, words) if self.heard_all and job.prompt else None
+        heard_until = self.processed_until
         if not self.heard_all:  # the window ends inside the buffer, maybe inside a word: hear it again
-            words = [w for w in words if w.end <= self.processed_until - EDGE_SECONDS]
-        committed = self.hypothesis.insert(words)
+            heard_until -= EDGE_SECONDS
+            words = [w for w in words if w.end <= heard_until]
+        committed = self.hypothesis.insert(words, heard_until)
         self._remember(committed)
         if self.buffer_seconds > self.max_buffer_seconds:
             # No segment end was agreed on for too long: take the hypothesis as it is, and keep the
