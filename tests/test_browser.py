@@ -395,7 +395,7 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
             assert page.text_content("#notice") == "Connection lost. Reconnecting…"
             page.wait_for_timeout(3000)  # down for 3 s: the page retries and is reset each time
             held = gpu_status(base)
-            assert held["held_for_resume"] == 1 and held["active_connections"] == 1  # the slot waits for it
+            assert held["held_for_resume"] == 1 and held["active_connections"] == 0  # the slot waits for it, held
             assert first_line in caption_text(tab)  # what it had is still on screen
 
             proxy.down = False
