@@ -405,7 +405,7 @@ def test_the_page_resumes_its_stream_after_the_network_drops(tab):
             assert page.get_attribute("#device", "title") == session  # the same session, not a new one
             assert gpu_status(base)["held_for_resume"] == 0
             resumed = [url for url in tab.sockets if "resume=" in url]
-            assert tab.sockets[0] == f"ws://{proxy.address}/asr" and resumed
+            assert tab.sockets[0] == f"ws://{proxy.address}/asr?updates=incremental" and resumed
             assert len(resumed) >= 3  # at least two refused while down, then the one that got through
 
             shown = len(caption_text(tab))
