@@ -298,13 +298,8 @@
   }
 
   function onMessage(r, event) {
-    if (typeof event.data !== "string") return;
-    let msg;
-    try {
-      msg = JSON.parse(event.data);
-    } catch {
-      return;
-    }
+    const msg = window.StreamCaptions.parse(event.data);
+    if (!msg) return;
     if (msg.type === "config") {
       r.config = msg;
       r.resumeToken = msg.resume_token || null;

@@ -140,5 +140,15 @@ window.StreamCaptions = (() => {
     return { apply, clear, speechLines, lines: () => lines };
   }
 
-  return { create };
+  /** A text frame from the server as an object; null for anything else (binary, not JSON). */
+  function parse(data) {
+    if (typeof data !== "string") return null;
+    try {
+      return JSON.parse(data);
+    } catch {
+      return null;
+    }
+  }
+
+  return { create, parse };
 })();

@@ -33,12 +33,8 @@
     const ws = new WebSocket(url);
     let configured = false;
     ws.onmessage = (event) => {
-      let msg;
-      try {
-        msg = JSON.parse(event.data);
-      } catch {
-        return;
-      }
+      const msg = window.StreamCaptions.parse(event.data);
+      if (!msg) return;
       if (msg.type === "config") {
         configured = true;
         retryUntil = null;
