@@ -150,11 +150,17 @@ def process_figures(pid: int | None, base: str) -> tuple[float, float]:
     return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
-async def sample(pid: int | None, base: str, seconds: float, out: list[tuple[float, float, float]]) -> None:
-    """(wall time, RSS MB, CPU s) every 10 s."""
-    end = time.monotonic() + seconds
+async def sample(pid: int | None, base: str, seconds: float, out: list[tuple[float, float, float]],
+                 logs: list[StreamLog]) -> None:
+    """(wall time, RSS MB, CPU s) every 10 s; a progress line every minute."""
+    start = time.monotonic()
+    end = start + seconds
     while time.monotonic() < end + 5:
         out.append((time.monotonic(), *process_figures(pid, base)))
+        if len(out) % 6 == 1:
+            recent = [lag for log in logs for t, lag in log.lags if t > time.monotonic() - 60]
+            print(f"[{(time.monotonic() - start) / 60:5.1f} min] RSS {out[-1][1]:.0f} MB, words last minute "
+                  f"{len(recent)}, lag p95 {percentile(recent, 0.95) if recent else float('nan'):.2f} s", flush=True)
         await asyncio.sleep(10)
 
 
@@ -172,7 +178,7 @@ async def soak(url: str, base: str, pid: int | None, clips: list[Clip], args: ar
         tasks.append(run_stream(url, pcm, logs[-1], args.updates, 0.5 * i))
     samples: list[tuple[float, float, float]] = []
     t0 = time.monotonic()
-    await asyncio.gather(sample(pid, base, seconds, samples), *tasks)
+    await asyncio.gather(sample(pid, base, seconds, samples, logs), *tasks)
     return t0, logs, samples
 
 
