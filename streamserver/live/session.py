@@ -128,9 +128,7 @@ class Session:
         with self._lock:
             yield from self._check_ending()
             yield from self._take_in()
-            # The VAD hands audio on in whole windows (32 ms): a second of audio may reach the policy as
-            # 0.992 s, and a step then waited for the next one (a decode every 2 s instead of every 1 s).
-            if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds - WINDOW / SAMPLE_RATE:
+            if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
                 yield from self._check_ending()  # an utterance that ended in this step: its words first
                 out = yield from self.policy.process_steps()
                 self._commit(out.committed)
