@@ -90,7 +90,6 @@ async def send_updates(slot: UpdateSlot, encoder: UpdateEncoder, send: Send, rec
                 last = StreamUpdate(state, heard)
                 await send(encoder.encode(state, force=True))
                 sent_at = time.monotonic()
-                await asyncio.sleep(gap)
             continue
         if item is None or item.final:
             return item
