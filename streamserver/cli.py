@@ -130,7 +130,10 @@ def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
 
     from .app import create_app
     from .edge import protocol_with_timeout, websocket_protocol
+    from .ops import heap
     from .ops.drain import GracefulServer
+
+    heap.bound_heaps()
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

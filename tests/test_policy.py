@@ -220,3 +220,25 @@ def test_without_a_harder_search_the_end_of_an_utterance_does_not_redecode_the_s
     jobs, committed = _three_decodes_then_the_end(searched_finals=False)
     assert len(jobs) == 3  # the pending words are committed as the last decode said them
     assert committed == [f"w{i}" for i in range(6)]
+
+
+def test_speech_a_decode_skips_after_a_sentence_it_already_said_is_heard_from_a_cut_buffer():
+    """Whisper decoding a buffer that opens with a sentence it already said often stops there and
+    skips the speech after it. Once a decode has said nothing new 1.5 s past that committed sentence
+    end, the buffer is cut there, and the next words are heard and committed before the utterance ends."""
+    sentence = [Word(0.2, 0.6, " Painful"), Word(0.6, 0.9, " to"), Word(0.9, 1.4, " myself.")]
+    after = [Word(3.0, 3.3, " He"), Word(3.3, 3.8, " began"), Word(3.8, 4.2, " a"), Word(4.2, 4.6, " complaint")]
+    policy = LocalAgreementPolicy(trim_seconds=15.0)
+
+    def transcribe(audio: np.ndarray, prompt: str) -> list[Segment]:
+        start, end = policy.offset, policy.offset + len(audio) / 16000
+        heard = [w for w in (after if start > 1.0 else sentence) if w.end <= end]  # skips `after`
+        return [Segment(w.start - start, w.end - start, (w.shifted(-start),)) for w in heard]
+
+    policy.transcribe = transcribe
+    committed = []
+    for _ in range(7):
+        policy.insert_audio(np.zeros(16000, np.float32))
+        committed += policy.process().committed
+    assert policy.offset >= 1.4  # cut after "myself."
+    assert [w.text.strip() for w in committed][:5] == ["Painful", "to", "myself.", "He", "began"]

@@ -38,6 +38,13 @@ EDGE_SECONDS = 0.5
 # held every word after them, seconds at a time, until the utterance ended: in a two-person call,
 # words 6-8 s after they were spoken. The newest decode heard the most context around the word.
 MAX_PENDING_SECONDS = 2.0
+# A decode that says nothing after a committed sentence end while it heard this much audio after it:
+# the buffer is cut at that end. A long buffer's decode often stops at a sentence end it already
+# said, skipping the speech after it (a 12-s buffer ending "... painful to myself." left "He began a
+# confused complaint" out of three decodes in a row, and the words waited for the utterance's end:
+# 7 s in a server's run); the same speech at the start of a buffer is heard. After a pause this
+# long, the audio before it is no context the next sentence needs (its text is in the prompt).
+STALLED_SECONDS = 1.5
 
 
 def agreed_prefix(old: list[Word], new: list[Word], max_shift: float = math.inf) -> int:
@@ -318,6 +325,8 @@ class LocalAgreementPolicy(UtteranceBuffer):
             # audio after its last word (speech the decode did not reach is decoded next time).
             committed = committed + self._flush()
             self._cut_said(said_before)
+        elif self._stalled(heard_until):
+            self._cut(self.hypothesis.committed_until)
         elif self.buffer_seconds > self.trim_seconds:
             self._trim_at_segment(segments)
         return PolicyOutput(committed, list(self.hypothesis.pending))
@@ -357,6 +366,13 @@ class LocalAgreementPolicy(UtteranceBuffer):
         if inside and text.rstrip().endswith(inside):
             text = text.rstrip()[: -len(inside)]
         return text[-self.prompt_chars:].strip()
+
+    def _stalled(self, heard_until: float) -> bool:
+        """The decode said nothing past the committed words, which end a sentence `STALLED_SECONDS`
+        or more before the end of what it heard."""
+        done = self.hypothesis.recent_committed
+        return (not self.hypothesis.pending and bool(done) and done[-1].text.rstrip().endswith(SENTENCE_END)
+                and heard_until - self.hypothesis.committed_until >= STALLED_SECONDS)
 
     def _trim_at_segment(self, segments: list[Segment]) -> None:
         """Cut the buffer at the last segment end that is already committed (never the last segment),

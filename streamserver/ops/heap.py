@@ -9,6 +9,12 @@ minutes while the memory in use stayed near 220-250 MB and the free memory held 
 `malloc_trim(0)` hands the free pages of every heap back to the system; run every
 `TRIM_SECONDS` off the event loop, it costs a few milliseconds. Where the C library is not glibc,
 this does nothing.
+
+Before the models load, `bound_heaps` also caps the number of heaps (glibc makes up to eight per
+core, one per thread that allocates at once: torch's and the thread pool's threads each fill their
+own) and serves every block of `MMAP_BYTES` or more straight from the system, handed back when
+freed, instead of letting glibc raise that threshold as large buffers come and go. Together with the
+trim, a probe of one stream held RSS flat (700-731 MB over 15 minutes, against 744 -> 896 MB).
 """
 from __future__ import annotations
 
@@ -20,6 +26,10 @@ import logging
 log = logging.getLogger("streamserver.heap")
 
 TRIM_SECONDS = 30.0
+MAX_HEAPS = 2
+MMAP_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
+_M_ARENA_MAX = -8
 
 
 def _libc_trim():
@@ -35,6 +45,18 @@ def _libc_trim():
 
 
 _trim = _libc_trim()
+
+
+def bound_heaps() -> bool:
+    """Cap glibc's heaps at `MAX_HEAPS` and serve blocks of `MMAP_BYTES` and more from the system;
+    False where that cannot be done (another C library). Call it before threads allocate."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, MAX_HEAPS)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES))
 
 
 def trim() -> bool:

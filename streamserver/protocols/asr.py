@@ -135,12 +135,8 @@ class AsrClient:
         self.encoder = UpdateEncoder(_updates_mode(websocket) == "incremental")
 
     def config_message(self, extra: dict) -> dict:
-        stream = self.stream
-        return wire.config_message(wire.ConfigInfo(
-            gpu_id=stream.device.id, connection_id=stream.id, device=stream.device.label,
-            model=self.config.model_label, diarization=self.config.diarization, format=self.format,
-            extra={"viewer_url": viewer_path(stream), **extra},
-        ), mode=self.encoder.mode)
+        return wire.stream_config(self.stream, self.format, self.encoder.mode,
+                                  {"viewer_url": viewer_path(self.stream), **extra})
 
     async def serve(self, resume_token: str | None, resumed: dict | None = None) -> bool:
         """The stream over this socket until its end; True if the client vanished mid-stream and the

@@ -51,11 +51,8 @@ async def watch_endpoint(websocket: WebSocket) -> None:
 
 async def _serve(websocket: WebSocket, stream: LiveStream, slot: UpdateSlot, rate: float) -> None:
     encoder = UpdateEncoder(incremental=True)
-    config = stream.server.config
     with contextlib.suppress(Exception):  # a viewer that left: nothing to tell anyone
-        await websocket.send_text(wire.dumps(wire.config_message(wire.ConfigInfo(
-            gpu_id=stream.device.id, connection_id=stream.id, device=stream.device.label, model=config.model_label,
-            diarization=config.diarization, format="none", extra={"viewer": True}), mode=encoder.mode)))
+        await websocket.send_text(wire.dumps(wire.stream_config(stream, "none", encoder.mode, {"viewer": True})))
 
         async def send(message: dict) -> None:
             await websocket.send_text(wire.dumps(message))

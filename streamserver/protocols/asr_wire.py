@@ -47,6 +47,15 @@ def config_message(info: ConfigInfo, mode: str = "full") -> dict:
     }
 
 
+def stream_config(stream, fmt: str, mode: str, extra: dict) -> dict:
+    """The `config` message of a live stream (`LiveStream`), for its speaker (`fmt`: the audio format
+    it sends) and for its viewers (`"none"`)."""
+    config = stream.server.config
+    return config_message(ConfigInfo(
+        gpu_id=stream.device.id, connection_id=stream.id, device=stream.device.label, model=config.model_label,
+        diarization=config.diarization, format=fmt, extra=extra), mode=mode)
+
+
 def line_message(line: Line) -> dict:
     return {
         "speaker": line.speaker,
