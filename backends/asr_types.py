@@ -106,6 +106,15 @@ class TranscribeJob:
     final: bool = False
 
 
+@dataclass(frozen=True)
+class DecodeNow:
+    """A stream's question to its round: "do other streams decode in this round?". A stream with part
+    of a step's new audio asks it; answered yes, it decodes now, in their batch. After that decode
+    the streams stay in step, every decode of theirs shares a batch, and a round serves all of them for
+    little more than one: out of step, each stream's decode was a round of its own, and two streams
+    filled two cores that one round of both would not."""
+
+
 # A streaming step that may ask the ASR for transcriptions: it yields jobs, is sent
 # back each job's segments, and returns its result. The device scheduler drives many
 # such steps at once and answers their jobs in batches; `drive` answers one directly.

@@ -63,6 +63,7 @@ class Server:
         }
         for d in inventory.devices:  # a device full of live connections runs no file work
             runtimes[d.id].scheduler.is_full = partial(_device_full, allocator, d.id)
+            runtimes[d.id].scheduler.live_streams = partial(allocator.active, d.id)
         if auto:
             for d in inventory.devices:
                 runtimes[d.id].on_loaded = partial(_derive_limit, allocator, memory, d, config.gpu_memory_fraction)

@@ -220,7 +220,10 @@ def test_a_real_two_person_recording_resumed_mid_way_keeps_its_words_and_speaker
     assert new_repeats(reference, text(final)) == 0, text(final)
     assert lost_ending(reference, text(final)) <= lost_ending(reference, text(whole))  # (tiny.en drops this
     # clip's last two words on its own; the resume must not lose more)
-    assert speakers(final) == speakers(whole) == {1, 2}
+    # Both people, before and after the drop. (Exactly two is not asserted here: on this recording the
+    # diarizer may give the father's later voice a third label, as in an uninterrupted stream; see
+    # tests/test_real_speakers.py.)
+    assert speakers(final) >= {1, 2} and speakers(whole) >= {1, 2}
 
 
 def test_streams_parked_for_resume_never_keep_a_new_client_out(base):

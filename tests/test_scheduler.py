@@ -119,6 +119,42 @@ def test_with_many_streams_on_a_busy_device_every_stream_keeps_up_alike():
     assert max(asr.batches) > 1
 
 
+def test_streams_that_start_out_of_step_fall_into_step_and_share_their_decodes():
+    """Two real-time streams half a second apart on a device whose rounds take 0.2 s: their decodes
+    come into the same rounds (batches of two) instead of taking turns, and each still hears every
+    second of its audio."""
+    asr = RecordingASR(seconds=0.2)
+
+    def loader(device):
+        models = fake_loader(device)
+        models.asr = asr
+        return models
+
+    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True), loader)
+    texts: dict[int, str] = {}
+
+    def stream(k: int) -> None:
+        time.sleep(0.5 * k)
+        ws = open_asr(base)
+        recv_json(ws)
+        audio = tone(8.0)
+        for off in range(0, len(audio), 3200):  # 100 ms at real-time pace
+            ws.send(audio[off:off + 3200])
+            time.sleep(0.1)
+        ws.send(b"")
+        updates = [m for m in drain_until_closed(ws, timeout=60) if "lines" in m]
+        texts[k] = " ".join(line["text"] for line in updates[-1]["lines"])
+
+    with serve_app(app) as base:
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert texts == {0: " ".join(f"w{i}" for i in range(8)), 1: " ".join(f"w{i}" for i in range(8))}
+    assert asr.batches.count(2) >= len(asr.batches) // 2, asr.batches
+
+
 def test_auto_limit_fits_streams_in_the_memory_budget():
     gib = 2**30
     assert auto_limit(80 * gib, 2 * gib, 64 * 2**20, 0.9) == int((72 - 2) * 1024 / 64)

@@ -7,7 +7,9 @@ the device's worker thread, and answers their Whisper calls together:
     start each step; it runs until it needs a model and yields the job
     → answer all jobs of that wave by kind in batches (`VadJob`s in one
       `probabilities_batch`, `DiarizeJob`s in one `process_batch`,
-      `TranscribeJob`s in `transcribe_batch` calls)
+      `TranscribeJob`s in `transcribe_batch` calls); a `DecodeNow` (a step that
+      could decode early) is answered first: yes when another step of the wave
+      asks for a decode, so that its decode joins that batch)
     → send each step its answer; repeat until every step has returned.
 
 File chunks (`submit_batch`) are a second, lower class: a round of them runs
@@ -36,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from backends.asr_types import Segment, Steps, TranscribeJob
+from backends.asr_types import DecodeNow, Segment, Steps, TranscribeJob
 from backends.diarization_types import DiarizeJob
 from backends.vad import VadJob
 
@@ -56,6 +58,11 @@ FILE_GRACE = 0.05  # seconds after a live round in which its streams get to ask 
 # meanwhile waits for it. File batches grow while rounds stay under half of this and shrink above it.
 FILE_ROUND_SECONDS = {False: 1.0, True: 0.5}
 RESUME_AFTER = 2.0  # seconds file work stays paused after live load last held it back (streams ending one by one)
+# How long a live round waits, from its first step's arrival, for the device's other streams to hand
+# in theirs (it starts at once when they all have). Each client sends a frame every 20-250 ms, each
+# frame starting a round of its own: a device of several streams ran each one's decode in a round of
+# its own, out of step with the others, and never batched them.
+GATHER_SECONDS = 0.1
 
 
 @dataclass
@@ -78,7 +85,7 @@ class _BatchRequest:
 class _Progress:
     """Where one step of the round stands: asking (`job`), done (`value`) or failed (`error`)."""
 
-    job: TranscribeJob | VadJob | DiarizeJob | None = None
+    job: TranscribeJob | VadJob | DiarizeJob | DecodeNow | None = None
     value: Any = None
     error: BaseException | None = None
 
@@ -100,6 +107,9 @@ class DeviceScheduler:
         self._file_slots = {False: 1, True: 1}
         # Set by the server: whether the device holds as many live connections as it admits.
         self.is_full: Callable[[], bool] = lambda: False
+        # Set by the server: how many live connections the device holds (a round waits for their steps).
+        self.live_streams: Callable[[], int] = lambda: 1
+        self._gather: asyncio.TimerHandle | None = None
         self._held_at = -math.inf  # when live load last held file work back
 
     async def submit(self, steps: Steps) -> Any:
@@ -167,6 +177,8 @@ class DeviceScheduler:
             return
         models = self.runtime.models
         if self._waiting:
+            if self._gathering():
+                return
             requests, self._waiting = self._waiting, []
             self._running = True
             started = time.perf_counter()
@@ -189,6 +201,18 @@ class DeviceScheduler:
         started = time.perf_counter()
         task = asyncio.ensure_future(self.runtime.run(self._batch_round, models.asr, [b.job for b in batch]))
         task.add_done_callback(lambda t: self._batch_done(t, batch, started))
+
+    def _gathering(self) -> bool:
+        """Whether the next live round waits for more streams' steps (`GATHER_SECONDS`); a timer then
+        starts it."""
+        if self._gather is not None:
+            self._gather.cancel()
+            self._gather = None
+        left = self._waiting[0].submitted + GATHER_SECONDS - time.perf_counter()
+        if left <= 0 or len(self._waiting) >= self.live_streams():
+            return False
+        self._gather = asyncio.get_running_loop().call_later(left, self._start_round)
+        return True
 
     def _retry_round(self) -> None:
         self._retry = None
@@ -246,7 +270,11 @@ class DeviceScheduler:
                 request.future.set_exception(outcome.error)
             else:
                 request.future.set_result(outcome.value)
-        self._start_round()
+        # Not at once: the streams just answered hand in their next step as they wake (already queued
+        # on the loop), and the next round takes them with the others. Started here, a round took only
+        # the streams that had waited, the others waited a round in turn, and the device's streams
+        # split into two groups whose rounds never shared a batch.
+        asyncio.get_running_loop().call_soon(self._start_round)
 
     # -- worker thread side ---------------------------------------------
     def _round(self, models: Any, requests: list[_Request]) -> list[_Progress]:
@@ -259,6 +287,12 @@ class DeviceScheduler:
             asking = [i for i, p in enumerate(progress) if p.job is not None]
             if not asking:
                 break
+            offers = [i for i in asking if isinstance(progress[i].job, DecodeNow)]
+            if offers:  # answered first, so that streams that join decode in the same batch
+                joining = any(isinstance(progress[i].job, TranscribeJob) for i in asking)
+                for i in offers:
+                    progress[i] = _advance(requests[i].steps, joining)
+                continue
             vad = [i for i in asking if isinstance(progress[i].job, VadJob)]
             diarize = [i for i in asking if isinstance(progress[i].job, DiarizeJob)]
             asr = [i for i in asking if not isinstance(progress[i].job, (VadJob, DiarizeJob))]

@@ -3,7 +3,8 @@
 A `Session` is a plain object owned by its connection. The event loop puts
 decoded audio in its `AudioInbox`; the device scheduler drives `step()` and
 `finish()` on its worker thread. Both are generators: they yield each model call
-they need, a `VadJob` for the new audio's speech probabilities and a
+they need, a `VadJob` for the new audio's speech probabilities, a `DecodeNow`
+when it could decode with the round's other streams, and a
 `TranscribeJob` for each Whisper call (the scheduler batches the jobs of all
 sessions and sends back the answers), then apply the streaming policy and
 attribution and return the caption state to send. `answer_directly` answers a
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import Steps, join_words
+from backends.asr_types import DecodeNow, Steps, join_words
 from backends.diarization_types import DiarizeJob
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
@@ -26,6 +28,11 @@ from .alignatt import AlignAttPolicy
 from .policy import SAMPLE_RATE, LocalAgreementPolicy
 from .captions import SILENCE_SPEAKER, CaptionState, SpokenWord
 from .transcript import Transcript
+
+
+# A stream whose new speech is at least this share of `min_chunk_seconds` decodes in a round where
+# other streams decode (`DecodeNow`).
+JOIN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ def answer_directly(models):
     """Answer one session's jobs one at a time with the device's models (benchmarks, tools)."""
 
     def answer(job):
+        if isinstance(job, DecodeNow):
+            return False  # no other stream
         if isinstance(job, VadJob):
             return models.vad.probabilities(job.state, job.audio)
         if isinstance(job, DiarizeJob):
@@ -128,7 +137,7 @@ class Session:
         with self._lock:
             yield from self._check_ending()
             yield from self._take_in()
-            if self._in_speech and self.policy.unprocessed_seconds >= self.options.min_chunk_seconds:
+            if self._in_speech and (yield from self._decode_due()):
                 yield from self._check_ending()  # an utterance that ended in this step: its words first
                 out = yield from self.policy.process_steps()
                 self._commit(out.committed)
@@ -239,6 +248,17 @@ class Session:
         if self._in_speech:
             self._feed_policy(self._vad_samples)
         self._forget_old_audio()
+
+    def _decode_due(self) -> Generator[DecodeNow, bool, bool]:
+        """Whether this step decodes: a whole `min_chunk_seconds` of new speech, or half of one when
+        the round decodes other streams anyway (`DecodeNow`), so that the device's streams fall into
+        step and share their decodes' batches."""
+        waiting = self.policy.unprocessed_seconds
+        if waiting >= self.options.min_chunk_seconds:
+            return True
+        if waiting >= JOIN_FRACTION * self.options.min_chunk_seconds:
+            return bool((yield DecodeNow()))
+        return False
 
     def _speech_starts(self, sample: int) -> None:
         self._note_silence(sample)
