@@ -81,37 +81,46 @@ def test_a_stream_that_cannot_run_even_alone_gets_the_error_and_others_their_ans
     assert isinstance(results[1], torch.cuda.OutOfMemoryError)
 
 
-def test_with_many_streams_on_a_busy_device_every_stream_keeps_up_alike():
-    """Eight live streams on a device whose every round takes 0.3 s: they share rounds (batches
-    above one), get their words, and none is served much less often than the others."""
-    asr = RecordingASR(seconds=0.3)
+def _realtime_tone_streams(asr, count: int, seconds: float, stagger: float = 0.0,
+                           **config) -> dict[int, tuple[int, str]]:
+    """`count` streams of a tone (`seconds`, 100-ms frames at real-time pace, stream k starting
+    `stagger * k` s late) through a server whose device answers with `asr`: each one's number of
+    caption updates and final text."""
 
     def loader(device):
         models = fake_loader(device)
         models.asr = asr
         return models
 
-    app = create_app(ServerConfig(simulate_gpus="1x16", max_connections_per_gpu=8, pcm_input=True), loader)
+    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True, **config), loader)
     results: dict[int, tuple[int, str]] = {}
 
     def stream(k: int) -> None:
+        time.sleep(stagger * k)
         ws = open_asr(base)
         recv_json(ws)
-        audio = tone(4.0)
-        for off in range(0, len(audio), 3200):  # 100 ms at real-time pace
+        audio = tone(seconds)
+        for off in range(0, len(audio), 3200):
             ws.send(audio[off:off + 3200])
             time.sleep(0.1)
         ws.send(b"")
-        messages = drain_until_closed(ws, timeout=60)
-        updates = [m for m in messages if "lines" in m]
+        updates = [m for m in drain_until_closed(ws, timeout=60) if "lines" in m]
         results[k] = (len(updates), " ".join(line["text"] for line in updates[-1]["lines"]))
 
     with serve_app(app) as base:
-        threads = [threading.Thread(target=stream, args=(k,)) for k in range(8)]
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(count)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
+    return results
+
+
+def test_with_many_streams_on_a_busy_device_every_stream_keeps_up_alike():
+    """Eight live streams on a device whose every round takes 0.3 s: they share rounds (batches
+    above one), get their words, and none is served much less often than the others."""
+    asr = RecordingASR(seconds=0.3)
+    results = _realtime_tone_streams(asr, 8, 4.0, max_connections_per_gpu=8)
     assert len(results) == 8
     assert {text for _, text in results.values()} == {"w0 w1 w2 w3"}
     counts = [n for n, _ in results.values()]
@@ -124,34 +133,8 @@ def test_streams_that_start_out_of_step_fall_into_step_and_share_their_decodes()
     come into the same rounds (batches of two) instead of taking turns, and each still hears every
     second of its audio."""
     asr = RecordingASR(seconds=0.2)
-
-    def loader(device):
-        models = fake_loader(device)
-        models.asr = asr
-        return models
-
-    app = create_app(ServerConfig(simulate_gpus="1x16", pcm_input=True), loader)
-    texts: dict[int, str] = {}
-
-    def stream(k: int) -> None:
-        time.sleep(0.5 * k)
-        ws = open_asr(base)
-        recv_json(ws)
-        audio = tone(8.0)
-        for off in range(0, len(audio), 3200):  # 100 ms at real-time pace
-            ws.send(audio[off:off + 3200])
-            time.sleep(0.1)
-        ws.send(b"")
-        updates = [m for m in drain_until_closed(ws, timeout=60) if "lines" in m]
-        texts[k] = " ".join(line["text"] for line in updates[-1]["lines"])
-
-    with serve_app(app) as base:
-        threads = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    assert texts == {0: " ".join(f"w{i}" for i in range(8)), 1: " ".join(f"w{i}" for i in range(8))}
+    results = _realtime_tone_streams(asr, 2, 8.0, stagger=0.5)
+    assert {k: text for k, (_, text) in results.items()} == {k: " ".join(f"w{i}" for i in range(8)) for k in (0, 1)}
     assert asr.batches.count(2) >= len(asr.batches) // 2, asr.batches
 
 
