@@ -32,30 +32,26 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
 _M_ARENA_MAX = -8
 
 
-def _libc_trim():
-    """glibc's `malloc_trim`, or None elsewhere (musl, macOS)."""
+def _libc(name: str, argtypes: list, restype=ctypes.c_int):
+    """glibc's function `name`, or None elsewhere (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
 
 
-_trim = _libc_trim()
+_trim = _libc("malloc_trim", [ctypes.c_size_t])
 
 
 def bound_heaps() -> bool:
     """Cap glibc's heaps at `MAX_HEAPS` and serve blocks of `MMAP_BYTES` and more from the system;
     False where that cannot be done (another C library). Call it before threads allocate."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_ARENA_MAX, MAX_HEAPS)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES))
 
 
