@@ -28,11 +28,6 @@ class Word:
         """The word with case and punctuation removed, for comparing two hypotheses."""
         return _NORM.sub("", self.text.lower())
 
-    @property
-    def ends_sentence(self) -> bool:
-        """The word closes a sentence (`SENTENCE_END`): a natural place to cut the audio."""
-        return self.text.rstrip().endswith(SENTENCE_END)
-
     def shifted(self, offset: float) -> "Word":
         return Word(self.start + offset, self.end + offset, self.text)
 

@@ -35,7 +35,7 @@ from whisper.timing import dtw
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import final_search
-from .asr_types import CLAUSE_END, Segment, TranscribeJob, Word, without_repeats
+from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import (DecoderStep, StepBuffers, VocabularyProjection, merge_heads, most_attended, pick,
                            split_heads, timestamp_rules)
 
@@ -715,7 +715,7 @@ def _unstretched(words: list[Word]) -> list[Word]:
     out = []
     for w in words:
         if w.end - w.start > limit:
-            if w.ends_sentence:
+            if w.text.rstrip().endswith(SENTENCE_END):
                 w = Word(w.start, w.start + limit, w.text)
             else:
                 w = Word(w.end - limit, w.end, w.text)

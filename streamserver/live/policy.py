@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from backends.asr_types import (DECODE_SECONDS, Segment, TranscribeJob, Word, drive, join_words,
+from backends.asr_types import (DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words,
                                 without_repeats)
 from backends.free_ending import with_free_ending
 
@@ -371,7 +371,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         """The decode said nothing past the committed words, which end a sentence `STALLED_SECONDS`
         or more before the end of what it heard."""
         done = self.hypothesis.recent_committed
-        return (not self.hypothesis.pending and bool(done) and done[-1].ends_sentence
+        return (not self.hypothesis.pending and bool(done) and done[-1].text.rstrip().endswith(SENTENCE_END)
                 and heard_until - self.hypothesis.committed_until >= STALLED_SECONDS)
 
     def _trim_at_segment(self, segments: list[Segment]) -> None:
@@ -382,7 +382,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         ends = [s.end for s in segments[:-1] if s.end <= self.hypothesis.committed_until]
         if not ends:  # cut at the start of the word after the sentence, so no pause opens the new buffer
             done = self.hypothesis.recent_committed
-            ends = [nxt.start for w, nxt in zip(done, done[1:]) if w.ends_sentence]
+            ends = [nxt.start for w, nxt in zip(done, done[1:]) if w.text.rstrip().endswith(SENTENCE_END)]
         if ends:
             self._cut(ends[-1])
 

@@ -32,26 +32,30 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
 _M_ARENA_MAX = -8
 
 
-def _libc(name: str, argtypes: list, restype=ctypes.c_int):
-    """glibc's function `name`, or None elsewhere (musl, macOS)."""
+def _libc_trim():
+    """glibc's `malloc_trim`, or None elsewhere (musl, macOS)."""
     try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
     except (OSError, AttributeError):
         return None
-    function.argtypes = argtypes
-    function.restype = restype
-    return function
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
-_trim = _libc("malloc_trim", [ctypes.c_size_t])
+_trim = _libc_trim()
 
 
 def bound_heaps() -> bool:
     """Cap glibc's heaps at `MAX_HEAPS` and serve blocks of `MMAP_BYTES` and more from the system;
     False where that cannot be done (another C library). Call it before threads allocate."""
-    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int])
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_ARENA_MAX, MAX_HEAPS)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES))
 
 
