@@ -95,7 +95,10 @@ class TranscribeJob:
     `prefix_end` (seconds into the audio) is where the prefix's words were heard: a new token
     attending far before it is not hearing new speech (the engine's `REWIND_SECONDS`).
     `final`: the last decode of an utterance, committed as it comes back with no later decode to
-    check it; the engine searches it harder (beam search, `backends/final_search.py`)."""
+    check it; the engine searches it harder (beam search, `backends/final_search.py`).
+    `again`: a later decode of the stream hears this audio again (a live decode that is not its
+    utterance's last, in both policies); one that fails the quality checks is not resampled at
+    higher temperatures, the next decode being its second chance."""
 
     audio: np.ndarray
     prompt: str = ""
@@ -104,6 +107,7 @@ class TranscribeJob:
     stop_before_end: float | None = None
     prefix_end: float = 0.0
     final: bool = False
+    again: bool = False
 
 
 @dataclass(frozen=True)

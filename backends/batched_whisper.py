@@ -58,6 +58,14 @@ MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio
 # ("In terms of graph that" over a pause, every token attending to one early frame). The row ends
 # there. SimulStreaming's rewind threshold (200 encoder positions).
 REWIND_SECONDS = 4.0
+# A window's token budget: this many per second of its audio, and TOKENS_FOR_ANY_WINDOW more (the
+# timestamps, a word cut at the window's edge), up to openai-whisper's half of the text context. Real
+# speech runs 3-7 tokens a second (the fastest reference of ../shared/speech: 7.3, all capitals), so
+# a row that fills it is a loop or a sampled ramble. Without it, a fallback decode at a high
+# temperature of a 1-s "Ha ha ha." ran to 224 tokens: 3.6 s of CPU, every stream of the device
+# waiting, and its words 6 s late in a soak.
+MAX_TOKENS_PER_SECOND = 12.0
+TOKENS_FOR_ANY_WINDOW = 16
 
 
 @dataclass
@@ -80,6 +88,8 @@ class _Row:
     stop_at: int | None = None  # AlignAtt: a token attending at or past this position ends the row
     last_heard: int = 0  # AlignAtt: the position the previous token attended to (the prefix's end at first)
     heard: list[int] = field(default_factory=list)  # per accepted token, the position it attended to
+    budget_per_second: bool = False  # `max_new` comes from the audio's length (`MAX_TOKENS_PER_SECOND`)
+    overran: bool = False  # the row ended at such a budget, not at end of text
 
     @property
     def text_tokens(self) -> list[int]:
@@ -101,7 +111,8 @@ class _Row:
 
     @property
     def degenerate(self) -> bool:
-        return self.compression_ratio > COMPRESSION_RATIO_LIMIT or self.avg_logprob < LOGPROB_LIMIT
+        return (self.overran or self.compression_ratio > COMPRESSION_RATIO_LIMIT
+                or self.avg_logprob < LOGPROB_LIMIT)
 
 
 class BatchedWhisper:
@@ -116,7 +127,7 @@ class BatchedWhisper:
         language: str | None = None,
         name: str = "",
         bucket_seconds: float = 0.0,
-        max_tokens_per_second: float | None = None,
+        max_tokens_per_second: float | None = MAX_TOKENS_PER_SECOND,
         fp16: bool | None = None,
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
@@ -130,8 +141,8 @@ class BatchedWhisper:
         self.name = name
         self.language = None if language in (None, "auto") else language
         self.bucket_seconds = bucket_seconds
-        # None: openai-whisper's budget, half the text context (224 tokens) per window, whatever
-        # the audio's length; a per-second budget cuts fast speech mid-word. Set for benchmarks only.
+        # None: openai-whisper's budget alone, half the text context (224 tokens) per window,
+        # whatever the audio's length.
         self.max_tokens_per_second = max_tokens_per_second
         self.temperatures: tuple[float, ...] = TEMPERATURES
         # A job's last decode (`TranscribeJob.final`) searches this many hypotheses (`final_search`);
@@ -191,8 +202,11 @@ class BatchedWhisper:
             if found is not None and (found[0].silent or not found[0].degenerate):
                 final[k] = found
         todo = [k for k in range(len(live)) if k not in final]
-        # openai-whisper's fallback: rows whose decode is degenerate are decoded again, sampling at
-        # the next temperature; a row that is silence, or good, keeps its decode.
+        # openai-whisper's fallback: a decode that fails the quality checks is decoded again, sampling
+        # at the next temperature, until one passes (or is silence). Not a job a later decode hears
+        # again (`TranscribeJob.again`): its second chance is that decode, a second later with more
+        # audio, where each resample is a whole decode that every stream of the device waits for
+        # (laughter, a hum, "words words words" failed every temperature: 1-5 s of CPU each time).
         for temperature in self.temperatures if todo else ():
             sub = encoded if len(todo) == len(live) else encoded[todo]
             rows = self._rows([jobs[live[k]] for k in todo], sub, [windows[k] for k in todo],
@@ -201,7 +215,7 @@ class BatchedWhisper:
             retry = []
             for k, row, w in zip(todo, rows, weights):
                 final[k] = (row, w)
-                if row.degenerate and not row.silent and not self.force_tokens_per_second:
+                if row.degenerate and not row.silent and not row.job.again and not self.force_tokens_per_second:
                     retry.append(k)
             if not retry:
                 break
@@ -212,8 +226,8 @@ class BatchedWhisper:
         return out
 
     def _untrusted(self, row: _Row) -> bool:
-        """A continuation of committed text (AlignAtt's forced prefix) that failed the checks at every
-        temperature says nothing. openai-whisper keeps its last sample because a window has no second
+        """A continuation of committed text (AlignAtt's forced prefix) that failed the checks (at every
+        temperature, or greedy for a job heard `again`) says nothing. openai-whisper keeps its last sample because a window has no second
         chance; a stream's next decode is its second chance, and after the last words of an utterance
         the samples are what Whisper says over nothing (a lone "You" after the final sentence)."""
         return bool(row.job.prefix.strip()) and row.degenerate and not self.force_tokens_per_second
@@ -357,13 +371,15 @@ class BatchedWhisper:
                 context += tok.encode(" " + job.prefix.strip())[-(self.dims.n_text_ctx // 4):]
             budget = self.dims.n_text_ctx - len(context) - 1
             max_new = max(1, min(budget, self.dims.n_text_ctx // 2))
+            per_second = max_new
             if self.max_tokens_per_second:
-                max_new = min(max_new, int(self.max_tokens_per_second * len(job.audio) / SAMPLE_RATE) + 10)
+                per_second = int(self.max_tokens_per_second * len(job.audio) / SAMPLE_RATE) + TOKENS_FOR_ANY_WINDOW
             stop_at = None
             if job.stop_before_end is not None:
                 stop_at = max(1, f - int(job.stop_before_end * TOKENS_PER_SECOND))
-            rows.append(_Row(job, tok, context, max_new, w, f, [], temperature, timestamps, sot_index, stop_at=stop_at,
-                             last_heard=int(job.prefix_end * TOKENS_PER_SECOND)))
+            rows.append(_Row(job, tok, context, min(max_new, per_second), w, f, [], temperature, timestamps, sot_index,
+                             stop_at=stop_at, last_heard=int(job.prefix_end * TOKENS_PER_SECOND),
+                             budget_per_second=per_second < max_new))
         return rows
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
@@ -529,9 +545,12 @@ class BatchedWhisper:
             row.sum_logprob += logprob
             row.done = True
             return False
-        elif (len(row.tokens) >= row.max_new
-              or (row.stop_at is not None and (position >= row.stop_at
-                                               or row.last_heard - position > REWIND_SECONDS * TOKENS_PER_SECOND))
+        elif len(row.tokens) >= row.max_new:
+            row.done = True
+            row.overran = row.budget_per_second
+            return False
+        elif ((row.stop_at is not None and (position >= row.stop_at
+                                            or row.last_heard - position > REWIND_SECONDS * TOKENS_PER_SECOND))
               or token >= row.tokenizer.timestamp_begin + row.frames + TOKENS_PER_SECOND // 2):
             row.done = True  # (the last: a timestamp half a second past the audio, only padding follows)
             return False

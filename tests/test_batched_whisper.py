@@ -220,3 +220,26 @@ def test_punctuation_with_no_word_before_it_is_no_word():
         == [" Hi."]
     assert [w.text for w in _merge_punctuation([Word(0.0, 0.1, "."), Word(0.2, 0.5, " So")], continues=True)] \
         == [".", " So"]
+
+
+def test_a_decode_that_never_ends_its_text_stops_at_its_windows_budget_and_is_resampled_unless_heard_again():
+    """Random weights never say end-of-text, as a sampled ramble or a loop does not: each decode of a
+    second of audio stops at the window's budget (not openai-whisper's 224 tokens, seconds of a CPU
+    while the device's other streams wait) and counts as degenerate. Decoded once, it falls back
+    through every temperature; a live decode that a later decode hears again is decoded once."""
+    from backends.batched_whisper import MAX_TOKENS_PER_SECOND, TEMPERATURES, TOKENS_FOR_ANY_WINDOW
+
+    torch.manual_seed(0)
+    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en")
+    rows: list = []
+    real = engine._decode
+    engine._decode = lambda batch, encoded: rows.extend(batch) or real(batch, encoded)
+    noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    engine.transcribe_batch([TranscribeJob(noise)])
+    budget = int(MAX_TOKENS_PER_SECOND) + TOKENS_FOR_ANY_WINDOW
+    assert [row.temperature for row in rows] == list(TEMPERATURES)
+    assert [len(row.tokens) for row in rows] == [budget] * len(TEMPERATURES)
+    assert all(row.overran and row.degenerate for row in rows)
+    rows.clear()
+    engine.transcribe_batch([TranscribeJob(noise, again=True)])
+    assert [(row.temperature, len(row.tokens)) for row in rows] == [(0.0, budget)]

@@ -307,7 +307,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         utterance's last decode (everything it says is committed)."""
         window, said_before = self.window, self.said_until
         self.processed_samples = len(window)
-        job = TranscribeJob(window, self._prompt(), self.language, final=final)
+        job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final)
         answer = yield job
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
