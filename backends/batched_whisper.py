@@ -171,6 +171,9 @@ class BatchedWhisper:
         # never say end-of-text, and their attention jumps about).
         self.force_tokens_per_second: float | None = None
         self.last_steps = 0  # decoder steps of the last batch
+        # Process CPU seconds of the last `transcribe_batch`: (encoder, decoder and the rest), for
+        # the scheduler's per-stage accounting (`streamserver_compute_cpu_seconds`).
+        self.last_cpu = (0.0, 0.0)
         self.max_batch = max_batch
         self._graphs = (model.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self._step: DecoderStep | None = None
@@ -189,9 +192,12 @@ class BatchedWhisper:
         """Segments of each job's audio, times relative to its first sample."""
         out: list[list[Segment]] = [[] for _ in jobs]
         live = [i for i, job in enumerate(jobs) if job.audio.size]
+        self.last_cpu = (0.0, 0.0)
         if not live:
             return out
+        started = time.process_time()
         encoded, windows, frames = self.encode([jobs[i].audio for i in live])
+        encoded_at = time.process_time()
         final: dict[int, tuple[_Row, np.ndarray | None]] = {}
         # An utterance's last decode, which nothing will check after it, is a beam search (at most
         # `searches_per_round` of them: each is a decode of its own, and the round waits for it);
@@ -223,6 +229,7 @@ class BatchedWhisper:
         for k, i in enumerate(live):
             row, w = final[k]
             out[i] = [] if row.silent or self._untrusted(row) else self._segments(row, w)
+        self.last_cpu = (encoded_at - started, time.process_time() - encoded_at)
         return out
 
     def _untrusted(self, row: _Row) -> bool:

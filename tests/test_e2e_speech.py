@@ -16,7 +16,9 @@ from websockets.exceptions import ConnectionClosed
 from bench.metrics import wer
 from streamserver.app import create_app
 from streamserver.config import ServerConfig
+from streamserver.ops.metrics import CPU_STAGES
 from tests.live import drain_until_closed, open_asr, recv_json, serve_app
+from tests.metrics_text import scrape, value
 
 pytestmark = pytest.mark.slow
 
@@ -99,13 +101,25 @@ def check_transcript(messages: list[dict], audio_seconds: float) -> str:
     return text
 
 
+def cpu_by_stage(base: str) -> dict[str, float]:
+    m = scrape(base)
+    return {stage: value(m, "streamserver_compute_cpu_seconds_total", gpu_id=0, stage=stage) for stage in CPU_STAGES}
+
+
 def test_pcm_at_realtime_pace(server, speech):
     data = pcm_bytes(speech["wav"])
     seconds = len(data) / 32000
+    before, cpu = cpu_by_stage(server), time.process_time()
     messages = stream_realtime(server, "pcm", data, seconds)
     check_transcript(messages, seconds)
     # captions arrived while audio was still flowing, not only at the end
     assert sum(1 for m in messages if "lines" in m) >= 5
+    # /metrics says where the server's CPU went (the server runs in this process): Whisper's encoder
+    # and decoder and the VAD, no file work, and no more than the process spent in all
+    spent = {stage: t - before[stage] for stage, t in cpu_by_stage(server).items()}
+    assert spent["encoder"] > 0 and spent["decoder"] > 0 and spent["vad"] > 0
+    assert spent["file"] == 0 and spent["diarization"] == 0
+    assert sum(spent.values()) <= time.process_time() - cpu
 
 
 def test_webm_opus_at_realtime_pace_with_garbage_next_door(server, speech):

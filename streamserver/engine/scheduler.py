@@ -247,7 +247,7 @@ class DeviceScheduler:
     def _batch_round(self, asr: Any, jobs: list[TranscribeJob]) -> list[list[Segment] | BaseException]:
         started = time.perf_counter()
         self.batch_rounds += 1
-        answers = self._transcribe(asr, jobs, started)
+        answers = self._transcribe(asr, jobs, started, file=True)
         self.batch_audio_seconds += sum(len(j.audio) for j in jobs) / 16000
         if self.runtime.metrics is not None:
             took = time.perf_counter() - started
@@ -315,6 +315,7 @@ class DeviceScheduler:
             return []
         if self.runtime.metrics is not None:
             self.runtime.metrics.observe_batch(self.runtime.device.id, "vad", len(jobs), time.perf_counter() - started)
+        cpu = time.process_time()
         try:
             batch = getattr(models.vad, "probabilities_batch", None)
             if batch is not None:
@@ -322,6 +323,8 @@ class DeviceScheduler:
             return [models.vad.probabilities(j.state, j.audio) for j in jobs]
         except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
             return [exc] * len(jobs)
+        finally:
+            self._spent("vad", time.process_time() - cpu)
 
     def _diarize(self, models: Any, jobs: list[DiarizeJob], started: float) -> list[Any]:
         """Every stream's new audio through the device's diarizer at once (one speaker-encoder batch)."""
@@ -330,20 +333,25 @@ class DeviceScheduler:
         if self.runtime.metrics is not None:
             self.runtime.metrics.observe_batch(self.runtime.device.id, "diarization", len(jobs),
                                                time.perf_counter() - started)
+        cpu = time.process_time()
         try:
             return list(models.diarizer.process_batch(jobs))
         except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
             return [exc] * len(jobs)
+        finally:
+            self._spent("diarization", time.process_time() - cpu)
 
-    def _transcribe(self, asr: Any, jobs: list[TranscribeJob], started: float) -> list[list[Segment] | BaseException]:
+    def _transcribe(self, asr: Any, jobs: list[TranscribeJob], started: float,
+                    file: bool = False) -> list[list[Segment] | BaseException]:
         out: list[list[Segment] | BaseException] = []
         if not jobs:
             return out
         for k in range(0, len(jobs), self.max_batch):
-            out += self._batch(asr, jobs[k:k + self.max_batch], started)
+            out += self._batch(asr, jobs[k:k + self.max_batch], started, file)
         return out
 
-    def _batch(self, asr: Any, jobs: list[TranscribeJob], started: float) -> list[list[Segment] | BaseException]:
+    def _batch(self, asr: Any, jobs: list[TranscribeJob], started: float,
+               file: bool = False) -> list[list[Segment] | BaseException]:
         """One batched Whisper call; out of memory, it halves the batch and tries again,
         so only a stream that cannot run even alone gets the error."""
         metrics, gpu_id = self.runtime.metrics, self.runtime.device.id
@@ -351,16 +359,39 @@ class DeviceScheduler:
             wait = time.perf_counter() - started
             metrics.observe_batch(gpu_id, "encoder", len(jobs), wait)
             metrics.observe_batch(gpu_id, "decoder", len(jobs), wait)
+        cpu = time.process_time()
         try:
-            return list(asr.transcribe_batch(jobs))
+            answers = list(asr.transcribe_batch(jobs))
         except Exception as exc:  # noqa: BLE001 - a failure becomes the affected streams' error
             if is_out_of_memory(exc) and len(jobs) > 1:
                 _free_cached(asr)
                 half = len(jobs) // 2
                 log.warning("Out of memory on GPU %d with a batch of %d streams; retrying in halves",
                             gpu_id, len(jobs))
-                return self._batch(asr, jobs[:half], started) + self._batch(asr, jobs[half:], started)
+                return self._batch(asr, jobs[:half], started, file) + self._batch(asr, jobs[half:], started, file)
             return [exc] * len(jobs)
+        self._spent_on_asr(asr, jobs, time.process_time() - cpu, file)
+        return answers
+
+    def _spent_on_asr(self, asr: Any, jobs: list[TranscribeJob], seconds: float, file: bool) -> None:
+        """A Whisper call's CPU by stage: a file round's is file work; a live round's is shared by its
+        jobs, ending checks (`TranscribeJob` neither `again` nor `final`: the free decode after an
+        utterance) taking their share, the rest split between encoder and decoder as the engine
+        measured them (`last_cpu`)."""
+        if file:
+            self._spent("file", seconds)
+            return
+        checks = sum(1 for j in jobs if not j.again and not j.final)
+        self._spent("ending_check", seconds * checks / len(jobs))
+        rest = seconds * (len(jobs) - checks) / len(jobs)
+        encoder, decoder = getattr(asr, "last_cpu", (0.0, 0.0))
+        share = encoder / (encoder + decoder) if encoder + decoder > 0 else 0.0
+        self._spent("encoder", rest * share)
+        self._spent("decoder", rest * (1 - share))
+
+    def _spent(self, stage: str, seconds: float) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.spent_cpu(self.runtime.device.id, stage, seconds)
 
 
 def _busy(rounds: deque[tuple[float, float]], now: float) -> float:

@@ -21,6 +21,10 @@ from gpu_manager import Allocator, MemoryMonitor
 
 PREFIX = "streamserver_"
 STAGES = ("encoder", "decoder", "vad", "diarization")
+# Where the process's CPU goes, per device: the live streams' Whisper encoder and decoder, the free
+# decode that checks an utterance's ending, the VAD, the diarizer, and file jobs' decodes. What the
+# process spends besides (the event loop, audio decoding, JSON) is its CPU time less their sum.
+CPU_STAGES = ("encoder", "decoder", "ending_check", "vad", "diarization", "file")
 REJECTION_REASONS = ("full", "unauthorized", "origin", "draining")
 REALTIME_WINDOW_SECONDS = 60.0
 
@@ -153,6 +157,9 @@ class Metrics:
                                           "File (job) audio transcribed", gpu, registry=r)
         self.file_device_seconds = Counter(PREFIX + "file_device_seconds",
                                            "Device time spent on file (job) work", gpu, registry=r)
+        self.compute_cpu = Counter(PREFIX + "compute_cpu_seconds",
+                                   "Process CPU seconds spent in model calls, by stage (all threads of the "
+                                   "process while the device's worker ran the call)", ["gpu_id", "stage"], registry=r)
         self._file_window: deque[tuple[float, float]] = deque()  # (time, seconds) of file chunks done
         self._jobs = None
         # Viewers per device: set by the server once it has its viewer registry.
@@ -167,6 +174,8 @@ class Metrics:
             for stage in STAGES:
                 self.batch_size.labels(g, stage)
                 self.queue_wait.labels(g, stage)
+            for stage in CPU_STAGES:
+                self.compute_cpu.labels(g, stage)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
 
@@ -204,6 +213,11 @@ class Metrics:
         g = str(gpu_id)
         self.batch_size.labels(g, stage).observe(size)
         self.queue_wait.labels(g, stage).observe(max(wait_seconds, 0.0))
+
+    def spent_cpu(self, gpu_id: int, stage: str, seconds: float) -> None:
+        """`seconds` of process CPU went to `stage` (one of `CPU_STAGES`) on the device."""
+        if seconds > 0:
+            self.compute_cpu.labels(str(gpu_id), stage).inc(seconds)
 
     def attach_jobs(self, store) -> None:
         self._jobs = store
