@@ -400,7 +400,20 @@ class BatchedWhisper:
         return [tok.all_language_codes[i] for i in best]
 
     def _decode(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
-        """Greedy decoding of all rows at once; returns each row's alignment-head weights [H, n_text+1, frames]."""
+        """Greedy decoding of all rows at once; returns each row's alignment-head weights [H, n_text+1, frames].
+        On a CPU, one row decodes on one thread: its steps are too small to share, and a second thread
+        spent most of each waiting (tiny.en, 2 cores: 40 % more CPU for a 16 % shorter decode). A batch
+        of streams keeps every thread (at 8 rows the second saves 40 % of the wall time)."""
+        if self.device.type != "cpu" or len(rows) > 1 or torch.get_num_threads() == 1:
+            return self._decode_rows(rows, encoded)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._decode_rows(rows, encoded)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _decode_rows(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
         B, T = len(rows), encoded.shape[1]
         buf, stepper, n, logp, attn = self._prefill(rows, encoded)
         tok, S, L0 = rows[0].tokenizer, buf.text_ctx, max(len(r.context) for r in rows)

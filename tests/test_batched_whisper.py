@@ -243,3 +243,25 @@ def test_a_decode_that_never_ends_its_text_stops_at_its_windows_budget_and_is_re
     rows.clear()
     engine.transcribe_batch([TranscribeJob(noise, again=True)])
     assert [(row.temperature, len(row.tokens)) for row in rows] == [(0.0, budget)]
+
+
+def test_one_row_decodes_on_one_cpu_thread_a_batch_on_all_of_them():
+    """A lone stream's decoder steps are too small to share between threads (the second one's time is
+    mostly spent waiting: CPU the server pays for nothing); a batch of streams uses every thread, and
+    the encoder always does."""
+    torch.manual_seed(0)
+    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en")
+    engine.force_tokens_per_second = 3.0
+    seen: list[tuple[int, int]] = []
+    real = engine._decode_rows
+    engine._decode_rows = lambda rows, encoded: seen.append((len(rows), torch.get_num_threads())) or real(rows, encoded)
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        engine.transcribe_batch([TranscribeJob(audio)])
+        engine.transcribe_batch([TranscribeJob(audio), TranscribeJob(audio)])
+        assert seen == [(1, 1), (2, 2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
