@@ -171,6 +171,10 @@ class BatchedWhisper:
         # never say end-of-text, and their attention jumps about).
         self.force_tokens_per_second: float | None = None
         self.last_steps = 0  # decoder steps of the last batch
+        # The fallback's samples (eager steps) come from the engine's own generator: what a stream is
+        # told does not depend on what else in the process drew random numbers (a test's words changed
+        # with the tests that ran before it), and a run of the same audio decodes the same.
+        self._generator = torch.Generator(device=model.device).manual_seed(0)
         # Process CPU seconds of the last `transcribe_batch`: (encoder, decoder and the rest), for
         # the scheduler's per-stage accounting (`streamserver_compute_cpu_seconds`).
         self.last_cpu = (0.0, 0.0)
@@ -418,7 +422,7 @@ class BatchedWhisper:
         buf, stepper, n, logp, attn = self._prefill(rows, encoded)
         tok, S, L0 = rows[0].tokenizer, buf.text_ctx, max(len(r.context) for r in rows)
         temps = buf.temp[:B]
-        first = pick(logp, temps, stepper.sampling)
+        first = pick(logp, temps, stepper.sampling, None if stepper.use_graphs else self._generator)
         took_ts = first >= tok.timestamp_begin
         buf.last_ts[:B] = took_ts
         buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
@@ -536,7 +540,7 @@ class BatchedWhisper:
             return self._step.buf, self._step
         buf = StepBuffers(self.model, rows, audio_ctx, len(self._align), self.dtype, self.device)
         return buf, DecoderStep(self.model, buf, self._align, use_graphs=False, vocabulary=self._vocabulary,
-                                **self._special())
+                                generator=self._generator, **self._special())
 
     def _special(self) -> dict[str, int]:
         tok = self._tokenizer(self.language)

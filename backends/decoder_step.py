@@ -93,7 +93,8 @@ class DecoderStep:
     """Runs the decoder step on `StepBuffers` for the first `n` rows; on CUDA, one graph per `n`."""
 
     def __init__(self, model: whisper.model.Whisper, buffers: StepBuffers, align: list[tuple[int, int]],
-                 use_graphs: bool, vocabulary: VocabularyProjection, eot: int, timestamp_begin: int) -> None:
+                 use_graphs: bool, vocabulary: VocabularyProjection, eot: int, timestamp_begin: int,
+                 generator: torch.Generator | None = None) -> None:
         self.model, self.buf, self.align = model, buffers, align
         self.eot, self.timestamp_begin = eot, timestamp_begin
         self.vocabulary = vocabulary
@@ -102,6 +103,9 @@ class DecoderStep:
             self.align_heads.setdefault(layer, []).append(head)
         self.use_graphs = use_graphs
         self.sampling = False  # some row has a temperature: draw noise (a separate graph)
+        # Where eager steps draw their noise (the engine's own generator); captured graphs draw from
+        # the device's default one, the generator CUDA graphs know how to replay.
+        self.generator = generator
         self.shared_audio = False  # every row decodes row 0's audio (eager steps only)
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -153,7 +157,7 @@ class DecoderStep:
     def _body(self, n: int, t: int) -> None:
         b = self.buf
         logp = self.logprobs(n, t)
-        nxt = pick(logp, b.temp[:n], self.sampling)
+        nxt = pick(logp, b.temp[:n], self.sampling, None if self.use_graphs else self.generator)
         b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
         self.advance(n, nxt)
 
@@ -244,12 +248,14 @@ def most_attended(scores: torch.Tensor, in_window: torch.Tensor) -> torch.Tensor
     return scores.masked_fill(~in_window, -math.inf).softmax(-1).mean(1).argmax(-1)
 
 
-def pick(logp: torch.Tensor, temperature: torch.Tensor, sampling: bool) -> torch.Tensor:
+def pick(logp: torch.Tensor, temperature: torch.Tensor, sampling: bool,
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """Each row's next token: the most likely one, or where the row's temperature is above 0 a
     draw from softmax(logp / T) (Gumbel-max: fixed shapes and no host sync, so a graph can hold it)."""
     if not sampling:
         return logp.argmax(-1)
-    gumbel = -torch.log(-torch.log(torch.rand_like(logp).clamp_(min=1e-20)))
+    uniform = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=logp.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)))
     hot = temperature > 0
     scores = torch.where(hot[:, None], logp / temperature.clamp(min=1e-6)[:, None] + gumbel, logp)
     return scores.argmax(-1)
