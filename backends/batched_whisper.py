@@ -238,9 +238,10 @@ class BatchedWhisper:
 
     def _untrusted(self, row: _Row) -> bool:
         """A continuation of committed text (AlignAtt's forced prefix) that failed the checks (at every
-        temperature, or greedy for a job heard `again`) says nothing. openai-whisper keeps its last sample because a window has no second
-        chance; a stream's next decode is its second chance, and after the last words of an utterance
-        the samples are what Whisper says over nothing (a lone "You" after the final sentence)."""
+        temperature, or greedy for a job heard `again`) says nothing. openai-whisper keeps its last
+        sample because a window has no second chance; a stream's next decode is its second chance, and
+        after the last words of an utterance the samples are what Whisper says over nothing (a lone
+        "You" after the final sentence)."""
         return bool(row.job.prefix.strip()) and row.degenerate and not self.force_tokens_per_second
 
     def encode(self, audios: list[np.ndarray]) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -422,7 +423,7 @@ class BatchedWhisper:
         buf, stepper, n, logp, attn = self._prefill(rows, encoded)
         tok, S, L0 = rows[0].tokenizer, buf.text_ctx, max(len(r.context) for r in rows)
         temps = buf.temp[:B]
-        first = pick(logp, temps, stepper.sampling, None if stepper.use_graphs else self._generator)
+        first = pick(logp, temps, stepper.sampling, stepper.generator)
         took_ts = first >= tok.timestamp_begin
         buf.last_ts[:B] = took_ts
         buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])

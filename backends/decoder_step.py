@@ -103,9 +103,9 @@ class DecoderStep:
             self.align_heads.setdefault(layer, []).append(head)
         self.use_graphs = use_graphs
         self.sampling = False  # some row has a temperature: draw noise (a separate graph)
-        # Where eager steps draw their noise (the engine's own generator); captured graphs draw from
-        # the device's default one, the generator CUDA graphs know how to replay.
-        self.generator = generator
+        # Where eager steps draw their noise (the engine's own generator); None for captured graphs,
+        # which draw from the device's default one, the generator CUDA graphs know how to replay.
+        self.generator = None if use_graphs else generator
         self.shared_audio = False  # every row decodes row 0's audio (eager steps only)
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -157,7 +157,7 @@ class DecoderStep:
     def _body(self, n: int, t: int) -> None:
         b = self.buf
         logp = self.logprobs(n, t)
-        nxt = pick(logp, b.temp[:n], self.sampling, None if self.use_graphs else self.generator)
+        nxt = pick(logp, b.temp[:n], self.sampling, self.generator)
         b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
         self.advance(n, nxt)
 
