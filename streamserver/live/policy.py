@@ -165,6 +165,11 @@ class UtteranceBuffer:
         return self.processed_samples >= len(self.audio)
 
     @property
+    def awaits_confirmation(self) -> bool:
+        """Words are shown that a decode of the same audio may still commit (each policy says which)."""
+        return True
+
+    @property
     def buffer_seconds(self) -> float:
         return len(self.audio) / SAMPLE_RATE
 
@@ -294,6 +299,11 @@ class LocalAgreementPolicy(UtteranceBuffer):
         super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
         self._last_decode: EndingCheck | None = None
+
+    @property
+    def awaits_confirmation(self) -> bool:
+        """The last hypothesis's uncommitted words: the next decode commits those it says again."""
+        return bool(self.hypothesis.pending)
 
     # -- the three verbs ------------------------------------------------
     def process(self) -> PolicyOutput:

@@ -124,6 +124,7 @@ class Session:
         self._in_speech = False
         self._speech_seen = False
         self._speech_end = 0  # absolute sample where the last speech ended (a silence line starts there)
+        self._voiced_until = 0  # absolute sample where the last VAD window heard as speech ends
         self._fed_end = 0  # absolute sample up to which the last utterance was fed (the next starts after)
         self._tentative: list = []
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
@@ -234,6 +235,9 @@ class Session:
             return
         self._recent = np.concatenate([self._recent, audio])
         probs = yield VadJob(self.vad_state, audio)
+        voiced = np.flatnonzero(np.asarray(probs) >= self.options.vad_threshold)
+        if voiced.size:
+            self._voiced_until = self._vad_samples + (int(voiced[-1]) + 1) * WINDOW
         if self.diarizer is not None and len(probs):
             a = self._vad_samples - self._recent_start
             windows = self._recent[a:a + len(probs) * WINDOW]
@@ -252,7 +256,12 @@ class Session:
     def _decode_due(self) -> Generator[DecodeNow, bool, bool]:
         """Whether this step decodes: a whole `min_chunk_seconds` of new speech, or half of one when
         the round decodes other streams anyway (`DecodeNow`), so that the device's streams fall into
-        step and share their decodes' batches."""
+        step and share their decodes' batches. Not when the new audio is a pause and no word waits for a
+        decode to confirm it: a decode of the same words over more silence could change nothing a
+        client sees (a pause inside an utterance is up to `utterance_pause_seconds` long)."""
+        if (self._voiced_until <= round(self.policy.processed_until * SAMPLE_RATE)
+                and not self.policy.awaits_confirmation):
+            return False
         waiting = self.policy.unprocessed_seconds
         if waiting >= self.options.min_chunk_seconds:
             return True
