@@ -299,6 +299,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
         self._last_decode: EndingCheck | None = None
+        self._said_nothing = False  # the last decode came back empty
 
     @property
     def awaits_confirmation(self) -> bool:
@@ -321,6 +322,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         answer = yield job
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
+        self._said_nothing = not words
         # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
         # now; without a prompt it was a free decode already.
         self._last_decode = self._ending_of(job, words) if self.heard_all and job.prompt else None
@@ -343,9 +345,13 @@ class LocalAgreementPolicy(UtteranceBuffer):
 
     def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance: decode what arrived since the last decode (a decode committed without
-        a second hypothesis, which the engine may search harder), then commit everything."""
+        a second hypothesis, which the engine may search harder), then commit everything. Also when
+        the last decode said nothing: a live decode that failed Whisper's checks says nothing (the next
+        decode was to be its second chance), and the utterance's last decode gets the whole fallback
+        ("Montreal. Forced." lost its "aligner" between two laughs otherwise)."""
         committed: list[Word] = []
-        if not self.heard_all or (self.searched_finals and self.hypothesis.pending):
+        if (not self.heard_all or (self.searched_finals and self.hypothesis.pending)
+                or (self._said_nothing and len(self.audio))):
             while True:
                 said_before = self.said_until
                 committed += (yield from self.process_steps(final=True)).committed
