@@ -98,7 +98,10 @@ class TranscribeJob:
     check it; the engine searches it harder (beam search, `backends/final_search.py`).
     `again`: a later decode of the stream hears this audio again (a live decode that is not its
     utterance's last, in both policies); one that fails the quality checks is not resampled at
-    higher temperatures, the next decode being its second chance."""
+    higher temperatures, the next decode being its second chance.
+    `whole_window`: encoded in a 30-s window, as Whisper was trained, whatever the engine's
+    `bucket_seconds` (a file's chunks, whose short last window lost words in 15 s; AlignAtt, whose
+    stops read attention that moved in shorter windows)."""
 
     audio: np.ndarray
     prompt: str = ""
@@ -108,6 +111,7 @@ class TranscribeJob:
     prefix_end: float = 0.0
     final: bool = False
     again: bool = False
+    whole_window: bool = False
 
 
 @dataclass(frozen=True)

@@ -211,11 +211,7 @@ class BatchedWhisper:
         if not live:
             return out
         started = time.process_time()
-        # AlignAtt's decodes stop where the alignment heads' attention reaches the end of the audio, and
-        # that attention is Whisper's on 30-s windows: in 15-s ones it wandered, and the stops fell in
-        # the wrong places (Lucier's reading, 1.9 % -> 24.8 % WER). Those jobs keep the whole window.
-        encoded, windows, frames = self.encode([jobs[i].audio for i in live],
-                                               [jobs[i].stop_before_end is not None for i in live])
+        encoded, windows, frames = self.encode([jobs[i].audio for i in live], [jobs[i].whole_window for i in live])
         encoded_at = time.process_time()
         final: dict[int, tuple[_Row, np.ndarray | None]] = {}
         # An utterance's last decode, which nothing will check after it, is a beam search (at most

@@ -299,3 +299,14 @@ def test_the_int8_vocabulary_product_takes_the_tokens_of_the_float32_one(engine)
         words = [[(w.text, w.start, w.end) for s in segs for w in s.words]
                  for segs in (engine.transcribe(audio), exact.transcribe(audio))]
         assert words[0] == words[1] and len(words[0]) > 10
+
+
+def test_live_windows_are_15_s_or_more_and_a_whole_window_job_keeps_30_s(engine, speech_audio):
+    """With the server's 5-s buckets a live buffer is encoded in a 15-s window (20 s once it is longer
+    than 14 s, with a second of padding), a file's chunk or an AlignAtt decode (`whole_window`) in 30 s."""
+    bucketed = BatchedWhisper(engine.model, "en", bucket_seconds=5)
+    sr = 16000
+    audios = [speech_audio[: 3 * sr], np.tile(speech_audio, 4)[: int(14.5 * sr)], speech_audio[: 3 * sr]]
+    _, windows, frames = bucketed.encode(audios, [False, False, True])
+    assert windows == [750, 1000, 1500]  # encoder positions: 50 a second
+    assert frames == [150, 725, 150]

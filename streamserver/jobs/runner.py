@@ -303,7 +303,7 @@ class JobRunner:
         except KeyError:
             return None
         work.request = TranscribeJob(audio[int(chunk.start * SAMPLE_RATE):int(chunk.end * SAMPLE_RATE)],
-                                     "", job.language)
+                                     "", job.language, whole_window=True)
         segments = await runtime.scheduler.submit_batch(work.request, shared)
         return [{"word": w.text, "start": round(chunk.start + w.start, 3), "end": round(chunk.start + w.end, 3)}
                 for s in segments for w in s.words]

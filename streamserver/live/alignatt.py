@@ -63,7 +63,7 @@ class AlignAttPolicy(UtteranceBuffer):
         job = TranscribeJob(window, self._prompt(), self.language, prefix=join_words(self.committed),
                             stop_before_end=END_GUARD if final and self.heard_all else self.frame_threshold,
                             prefix_end=self.committed[-1].end - self.offset if self.committed else 0.0,
-                            final=final, again=not final)
+                            final=final, again=not final, whole_window=True)
         answer = yield job
         words = [w.shifted(self.offset) for s in answer for w in s.words]
         words = [w for w in words if w.text.strip()]
