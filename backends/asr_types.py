@@ -101,7 +101,8 @@ class TranscribeJob:
     higher temperatures, the next decode being its second chance.
     `whole_window`: encoded in a 30-s window, as Whisper was trained, whatever the engine's
     `bucket_seconds` (a file's chunks, whose short last window lost words in 15 s; AlignAtt, whose
-    stops read attention that moved in shorter windows)."""
+    stops read attention that moved in shorter windows; an utterance's last decode and its ending
+    check, committed with no later decode to check them)."""
 
     audio: np.ndarray
     prompt: str = ""

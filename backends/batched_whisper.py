@@ -253,8 +253,7 @@ class BatchedWhisper:
         sample because a window has no second chance; a stream's next decode is its second chance, and
         after the last words of an utterance the samples are what Whisper says over nothing (a lone
         "You" after the final sentence)."""
-        return (row.degenerate and (bool(row.job.prefix.strip()) or row.job.again)
-                and not self.force_tokens_per_second)
+        return bool(row.job.prefix.strip()) and row.degenerate and not self.force_tokens_per_second
 
     def encode(self, audios: list[np.ndarray], whole: list[bool] | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
         """Encoder output for each audio, padded to the longest bucket.

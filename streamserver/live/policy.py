@@ -206,7 +206,7 @@ class UtteranceBuffer:
         check, self.ending = self.ending, None
         if check is None:
             return []
-        answer = yield TranscribeJob(check.audio, "", check.language)
+        answer = yield TranscribeJob(check.audio, "", check.language, whole_window=True)
         heard = [w.shifted(check.offset) for s in answer for w in s.words]
         joined = with_free_ending(check.prefix, check.words, heard, check.prefix_end)
         words = self._once(joined[len(check.words):])
@@ -299,7 +299,6 @@ class LocalAgreementPolicy(UtteranceBuffer):
         super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
         self._last_decode: EndingCheck | None = None
-        self._said_nothing = False  # the last decode came back empty
 
     @property
     def awaits_confirmation(self) -> bool:
@@ -318,11 +317,14 @@ class LocalAgreementPolicy(UtteranceBuffer):
         utterance's last decode (everything it says is committed)."""
         window, said_before = self.window, self.said_until
         self.processed_samples = len(window)
-        job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final)
+        # A decode that is committed with no later one to check it (the utterance's last, and its
+        # ending check) is encoded as Whisper was trained, in 30 s: in 15-s windows the CHILDES
+        # father's "... things to say to it?" ended "thing to decide with".
+        job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
+                            whole_window=final)
         answer = yield job
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
-        self._said_nothing = not words
         # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
         # now; without a prompt it was a free decode already.
         self._last_decode = self._ending_of(job, words) if self.heard_all and job.prompt else None
@@ -345,13 +347,9 @@ class LocalAgreementPolicy(UtteranceBuffer):
 
     def finish_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance: decode what arrived since the last decode (a decode committed without
-        a second hypothesis, which the engine may search harder), then commit everything. Also when
-        the last decode said nothing: a live decode that failed Whisper's checks says nothing (the next
-        decode was to be its second chance), and the utterance's last decode gets the whole fallback
-        ("Montreal. Forced." lost its "aligner" between two laughs otherwise)."""
+        a second hypothesis, which the engine may search harder), then commit everything."""
         committed: list[Word] = []
-        if (not self.heard_all or (self.searched_finals and self.hypothesis.pending)
-                or (self._said_nothing and len(self.audio))):
+        if not self.heard_all or (self.searched_finals and self.hypothesis.pending):
             while True:
                 said_before = self.said_until
                 committed += (yield from self.process_steps(final=True)).committed
