@@ -57,8 +57,9 @@ MIN_SILENCE_AFTER = 1.0  # seconds of padding every window keeps after its audio
 # window (30 s: 0.4 CPU-s on 2 cores, 15 s: under half of that), and a live buffer is mostly 2-12 s.
 # But Whisper was trained on 30-s windows, and the shorter the window, the further from them: over the
 # real-speech set, 10-s windows cost the two-person recordings words (a child's father, a 1.6-s
-# sentence said twice) where 15-s windows kept the pooled WER of 30-s ones (15.1 % against 15.3 %,
-# live, tiny.en) at 0.40 CPU-s per audio second against 0.57.
+# sentence said twice) where 15-s windows kept the pooled WER of 30-s ones (`bench/accuracy.py`,
+# live LocalAgreement, tiny.en: 14.3-14.9 % against 15.1 %) at 0.47 CPU-s per audio second against
+# 0.69 (`bench/stream_cost.py`, one stream).
 MIN_WINDOW_SECONDS = 15.0
 # AlignAtt decoding: a token whose attention jumps back this far before the previous token's (or, for
 # the first, before the end of the forced prefix) is not transcribing new speech but inventing text

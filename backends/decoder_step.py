@@ -17,8 +17,8 @@ vectors per step: each row's next token and the audio position it attended to.
 from __future__ import annotations
 
 import logging
-import warnings
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class VocabularyProjection:
 
     def __init__(self, embedding: torch.Tensor, by_column: torch.Tensor | None, quantized: bool = False) -> None:
         self.embedding = embedding  # [vocab, d]
-        self.by_column = None if quantized else by_column  # [d, vocab] contiguous, or None
+        self.by_column = by_column  # [d, vocab] contiguous, or None (CUDA; the CPU's int8 product)
         self._packed = _int8_rows(embedding) if quantized else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ FLAGS: list[tuple[str, object, str]] = [
     ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
     ("trim_seconds", float, "cut a transcription buffer longer than this at its last committed clause end"),
-    ("bucket_seconds", float, "encoder windows are at least 15 s and grow in steps of this many seconds (0: always 30 s)"),
+    ("bucket_seconds", float, "a live LocalAgreement buffer's encoder window is at least 15 s and grows in "
+                                "steps of this many seconds (0: always 30 s)"),
     ("final_beam_size", int, "an utterance's last decode, committed with no second hypothesis, searches "
                              "this many hypotheses (1: greedy; 5: fewer lost last words, each search "
                              "about one to three greedy decodes that its round waits for)"),
