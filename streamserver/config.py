@@ -42,12 +42,12 @@ class ServerConfig:
     sync_max_seconds: float = 120.0
     max_batch: int = 32  # streams per batched Whisper call
     trim_seconds: float = 15.0  # LocalAgreement cuts a buffer longer than this at a committed clause end
-    # 0: every window is 30 s, as Whisper was trained. N: a live LocalAgreement buffer is padded to 15 s
-    # or grown in steps of N s past that (backends/batched_whisper.py MIN_WINDOW_SECONDS): the encoder
-    # costs under half and the pooled WER of the real-speech set held (README). Not the default yet:
-    # the first try lost the CHILDES father's last words (with its last decodes in 15-s windows too,
-    # and a change since reverted), and the set has not been measured again since those keep 30 s.
-    bucket_seconds: float = 0.0
+    # N: a live LocalAgreement buffer is padded to 15 s and grown in steps of N s past that
+    # (backends/batched_whisper.py MIN_WINDOW_SECONDS); its decodes are checked by the next one. An
+    # utterance's last decode, its ending check, AlignAtt and files keep 30-s windows, as Whisper was
+    # trained. The encoder costs under a half and the real-speech set's pooled WER of `localagreement`
+    # went down, not up (README). 0: every window is 30 s.
+    bucket_seconds: float = 5.0
     # An utterance's last decode, committed with no second hypothesis, searches this many hypotheses
     # (backends/final_search.py). 1: greedy, as openai-whisper's `transcribe` decodes by default. 5 keeps
     # unsure last words greedy drops, but on the hoarse voice of the real-speech set it also chose fluent
