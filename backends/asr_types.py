@@ -102,7 +102,10 @@ class TranscribeJob:
     `whole_window`: encoded in a 30-s window, as Whisper was trained, whatever the engine's
     `bucket_seconds` (a file's chunks, whose short last window lost words in 15 s; AlignAtt, whose
     stops read attention that moved in shorter windows; an utterance's last decode and its ending
-    check, committed with no later decode to check them)."""
+    check, committed with no later decode to check them).
+    `draft`: what a decode of this audio said a moment ago (the words from the audio's start), the
+    text the decode will most likely say first; the engine checks it many tokens per decoder pass
+    (`backends/draft.py`). The words that come back are the greedy decode's, draft or not."""
 
     audio: np.ndarray
     prompt: str = ""
@@ -113,6 +116,7 @@ class TranscribeJob:
     final: bool = False
     again: bool = False
     whole_window: bool = False
+    draft: str = ""
 
 
 @dataclass(frozen=True)

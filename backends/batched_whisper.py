@@ -38,6 +38,7 @@ from . import final_search
 from .asr_types import CLAUSE_END, SENTENCE_END, Segment, TranscribeJob, Word, without_repeats
 from .decoder_step import (DecoderStep, StepBuffers, VocabularyProjection, int8_supported, merge_heads, most_attended, pick,
                            split_heads, timestamp_rules)
+from .draft import Draft
 
 log = logging.getLogger("backends.batched_whisper")
 
@@ -74,6 +75,10 @@ REWIND_SECONDS = 4.0
 # waiting, and its words 6 s late in a soak.
 MAX_TOKENS_PER_SECOND = 12.0
 TOKENS_FOR_ANY_WINDOW = 16
+# The most drafted tokens one decoder pass checks (`backends/draft.py`). A pass costs more the more
+# it checks, and a draft's tail (the words at the edge of the last decode's audio) is the likeliest
+# to be said differently.
+MAX_DRAFT_TOKENS = 24
 
 
 @dataclass
@@ -98,6 +103,7 @@ class _Row:
     heard: list[int] = field(default_factory=list)  # per accepted token, the position it attended to
     budget_per_second: bool = False  # `max_new` comes from the audio's length (`MAX_TOKENS_PER_SECOND`)
     overran: bool = False  # the row ended at such a budget, not at end of text
+    draft: Draft | None = None  # what a decode of this audio said a moment ago (greedy rows only)
 
     @property
     def text_tokens(self) -> list[int]:
@@ -402,9 +408,12 @@ class BatchedWhisper:
             stop_at = None
             if job.stop_before_end is not None:
                 stop_at = max(1, f - int(job.stop_before_end * TOKENS_PER_SECOND))
+            draft = None
+            if job.draft.strip() and temperature == 0 and not job.prefix.strip() and stop_at is None:
+                draft = Draft(tok.encode(" " + job.draft.strip()))
             rows.append(_Row(job, tok, context, min(max_new, per_second), w, f, [], temperature, timestamps, sot_index,
                              stop_at=stop_at, last_heard=int(job.prefix_end * TOKENS_PER_SECOND),
-                             budget_per_second=per_second < max_new))
+                             budget_per_second=per_second < max_new, draft=draft))
         return rows
 
     def _detect_languages(self, encoded: torch.Tensor, windows: list[int]) -> list[str]:
@@ -434,7 +443,7 @@ class BatchedWhisper:
     def _decode_rows(self, rows: list[_Row], encoded: torch.Tensor) -> list[torch.Tensor | None]:
         B, T = len(rows), encoded.shape[1]
         buf, stepper, n, logp, attn = self._prefill(rows, encoded)
-        tok, S, L0 = rows[0].tokenizer, buf.text_ctx, max(len(r.context) for r in rows)
+        tok, S = rows[0].tokenizer, buf.text_ctx
         temps = buf.temp[:B]
         first = pick(logp, temps, stepper.sampling, stepper.generator)
         took_ts = first >= tok.timestamp_begin
@@ -442,28 +451,80 @@ class BatchedWhisper:
         buf.ts_max[:B] = torch.where(took_ts, first, buf.ts_max[:B])
         first_logprob = logp.gather(1, first[:, None])[:, 0]
         heard = self._attended(attn, buf.cross_ok[:B, 0, :, :T])
-        captured = [attn[:, :, -1:]] if attn is not None else []
+        # The alignment heads' scores, in chunks of decoder passes; each row's own columns among them
+        # (a pass over a draft gives each row as many as it took tokens there).
+        chunks = [attn[:, :, -1:]] if attn is not None else []
+        columns: list[list[int]] = [[0] for _ in rows]
+        width = 1
         buf.token[:B, 0] = first
-        picked = torch.stack([first.double(), heard.double(), first_logprob.double()]).tolist()  # one sync per step
-        for step in range(max(r.max_new for r in rows) + 1):
-            active = 0
-            for i, r in enumerate(rows):
-                if not r.done and self._accept(r, int(picked[0][i]), int(picked[1][i]), picked[2][i], tok.eot):
-                    active += 1
-            if not active or L0 + step >= S:
+        picked = [[p] for p in zip(*torch.stack([first, heard, first_logprob.double()]).tolist())]  # one sync
+        slot = int(buf.slot)
+        self.last_steps = 0
+        while True:
+            active = [i for i, r in enumerate(rows) if not r.done and self._take(r, picked[i], tok)]
+            if not active or slot >= S:
                 break
-            self.last_steps = step + 1
-            stepper.step(n, T)
-            if attn is not None:
-                captured.append(buf.attn[:B, :, :, :T].clone())
-            picked = torch.stack([buf.next[:B].double(), buf.heard[:B].double(), buf.logprob[:B].double()]).tolist()
-        if not captured:
+            self.last_steps += 1
+            drafts = {i: self._ahead(rows[i], min(MAX_DRAFT_TOKENS, S - slot - 1)) for i in active}
+            K = 0 if stepper.sampling else max(len(d) for d in drafts.values())
+            if K:
+                lengths = torch.tensor([len(drafts.get(i, ())) for i in range(n)], device=self.device)
+                padded = torch.full((n, K), tok.eot, dtype=torch.long, device=self.device)
+                for i, d in drafts.items():
+                    padded[i, :len(d)] = torch.tensor(d, device=self.device)
+                found = stepper.verify(n, T, padded, lengths)
+                took = found.accepted[:B].tolist()
+                if found.attn is not None:
+                    chunks.append(found.attn[:B])
+                table = torch.stack([found.picks[:B].double(), found.heard[:B].double(), found.logprob[:B].double()],
+                                    dim=-1).tolist()  # one sync per pass
+                for i in active:
+                    columns[i] += range(width, width + took[i] + 1)
+                    picked[i] = table[i][:took[i] + 1]
+                width += K + 1
+                slot += K + 1
+            else:
+                stepper.step(n, T)
+                if attn is not None:
+                    chunks.append(buf.attn[:B, :, :, :T].clone())
+                for i in active:
+                    columns[i].append(width)
+                width += 1
+                slot += 1
+                now = torch.stack([buf.next[:B].double(), buf.heard[:B].double(), buf.logprob[:B].double()]).tolist()
+                for i in active:
+                    picked[i] = [(now[0][i], now[1][i], now[2][i])]
+        if not chunks:
             return [None] * len(rows)
-        weights = torch.cat(captured, dim=2)
+        weights = torch.cat(chunks, dim=2)
+        longest = max(len(c) for c in columns)
+        index = torch.tensor([c + c[-1:] * (longest - len(c)) for c in columns], device=weights.device)
+        weights = weights.gather(2, index[:, None, :, None].expand(B, weights.shape[1], longest, T))
         out: list[np.ndarray | None] = []
         for k in range(0, B, ENCODE_BATCH):
             out += self._alignment(weights[k:k + ENCODE_BATCH], rows[k:k + ENCODE_BATCH])
         return out
+
+    def _take(self, row: _Row, picked: list[tuple[float, float, float]], tok: Tokenizer) -> bool:
+        """Append the tokens a decoder pass picked for `row` (one, or a run along its draft); False
+        once the row has ended."""
+        for token, position, logprob in picked:
+            if not self._accept(row, int(token), int(position), logprob, tok.eot):
+                return False
+            if row.draft is not None and int(token) < tok.eot:
+                row.draft.follow(int(token))
+        return True
+
+    @staticmethod
+    def _ahead(row: _Row, limit: int) -> list[int]:
+        """The drafted tokens to check after `row`'s last token: none right after a lone timestamp
+        (another must follow it) or when the row has no draft to follow."""
+        if row.draft is None or limit <= 0:
+            return []
+        begin = row.tokenizer.timestamp_begin
+        if len(row.tokens) >= 2 and row.tokens[-1] >= begin > row.tokens[-2]:
+            return []
+        return row.draft.ahead(limit)
 
     def _prefill(self, rows: list[_Row], encoded: torch.Tensor, graphs: bool | None = None, room: int = 0):
         """A round's buffers with every row's forced tokens (prompt, start of transcript, AlignAtt's
@@ -512,7 +573,8 @@ class BatchedWhisper:
                 r.no_speech = p
         last = logits + buf.suppress
         last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
-        logp = timestamp_rules(last, buf, B, tok.eot, tok.timestamp_begin, first=True)
+        logp = timestamp_rules(last, buf.ts_mode[:B, None], buf.last_ts[:B, None], buf.pen_ts[:B, None],
+                               buf.ts_max[:B, None], tok.eot, tok.timestamp_begin, first=True)
         buf.pos[:B, 0] = L0 - pads
         buf.slot.fill_(L0)
         return buf, stepper, n, logp, attn

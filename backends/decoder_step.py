@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,6 @@ class StepBuffers:
         self.last_ts = zeros(rows, dt=torch.bool)
         self.pen_ts = zeros(rows, dt=torch.bool)
         self.ts_max = zeros(rows, dt=torch.long)
-        self.vocab_ids = torch.arange(d.n_vocab, device=device)
         self.next = zeros(rows, dt=torch.long)
         self.heard = zeros(rows, dt=torch.long)
         self.attn = zeros(rows, max(n_align, 1), 1, audio_ctx, dt=torch.float32)
@@ -189,9 +189,14 @@ class DecoderStep:
 
     def _body(self, n: int, t: int) -> None:
         b = self.buf
-        logp = self.logprobs(n, t)
-        nxt = pick(logp, b.temp[:n], self.sampling, self.generator)
-        b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
+        if self.sampling:
+            logp = self.logprobs(n, t)
+            nxt = pick(logp, b.temp[:n], self.sampling, self.generator)
+            b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
+        else:
+            nxt, logprob = greedy_pick(self.logits(n, t), b.ts_mode[:n, None], b.last_ts[:n, None],
+                                       b.pen_ts[:n, None], b.ts_max[:n, None], self.eot, self.timestamp_begin)
+            b.logprob[:n].copy_(logprob)
         self.advance(n, nxt)
 
     def advance(self, n: int, nxt: torch.Tensor) -> None:
@@ -207,23 +212,99 @@ class DecoderStep:
         b.pos[:n] += 1
         b.slot += 1
 
-    def logprobs(self, n: int, t: int) -> torch.Tensor:
-        """The next token's log-probabilities for rows [0, n) [n, vocab], after suppression and the
-        timestamp rules; the alignment heads' attention of this step goes to buf.attn / buf.heard."""
-        b, dec = self.buf, self.model.decoder
-        heads = self.model.dims.n_text_head
+    def logits(self, n: int, t: int) -> torch.Tensor:
+        """The next token's logits for rows [0, n) [n, vocab], suppressed tokens at -inf; the
+        alignment heads' attention of this step goes to buf.attn / buf.heard."""
+        b = self.buf
         pos = b.pos[:n].clamp(max=b.text_ctx - 1)
-        x = (dec.token_embedding(b.token[:n]) + dec.positional_embedding[pos]).to(b.self_k[0].dtype)
         # A graph needs fixed shapes, so it attends over every cache slot (masked); an eager step on
         # the CPU, where reading the slot costs nothing, attends only over the slots written so far.
         upto = int(b.slot) + 1 if not self.use_graphs and b.slot.device.type == "cpu" else b.text_ctx
         visible = (b.key_ok[:n, :upto] & (b.slots[None, :upto] <= b.slot))[:, None, None, :]
+        x, attn = self._layers(n, t, b.token[:n], pos, b.slot, visible)
+        logits = self.vocabulary(x[:, -1]).float() + b.suppress
+        if attn is not None:
+            b.attn[:n, :, :, :t].copy_(attn)
+            b.heard[:n].copy_(most_attended(attn[:, :, -1], b.cross_ok[:n, 0, :, :t]))
+        return logits
+
+    def logprobs(self, n: int, t: int) -> torch.Tensor:
+        """The next token's log-probabilities for rows [0, n) [n, vocab], after suppression and the
+        timestamp rules; the alignment heads' attention of this step goes to buf.attn / buf.heard."""
+        b = self.buf
+        return timestamp_rules(self.logits(n, t), b.ts_mode[:n, None], b.last_ts[:n, None], b.pen_ts[:n, None],
+                               b.ts_max[:n, None], self.eot, self.timestamp_begin)
+
+    def verify(self, n: int, t: int, drafts: torch.Tensor, lengths: torch.Tensor) -> Verified:
+        """Greedy steps for rows [0, n) along drafted text tokens, in one pass (eager, greedy rows).
+
+        Row i's input is its current token followed by `drafts[i, :lengths[i]]` (text tokens of a
+        decode of the same audio a moment ago); the pass writes all of them into the cache at once
+        and reads the next-token log-probabilities after each, under the same suppression and
+        timestamp rules a step applies. A drafted token is taken where it is the one a step would
+        have picked there, up to the first that is not; after the taken tokens, the token the step
+        picks at the first disagreement (or after the whole draft) is taken too, so a row advances
+        by `accepted + 1` tokens, as many steps' worth for the price of one pass. Cache slots of the
+        tokens not taken are masked out for that row (its positions stay consecutive), and every
+        buffer is left as that many steps would have left it."""
+        assert not self.shared_audio
+        b, dev = self.buf, self.buf.token.device
+        K = drafts.shape[1]
+        q = torch.arange(K + 1, device=dev)
+        tokens = torch.cat([b.token[:n], drafts], dim=1)  # [n, K+1]
+        pos = (b.pos[:n] + q[None, :]).clamp(max=b.text_ctx - 1)
+        slot = int(b.slot)
+        upto = slot + K + 1
+        inside = q[None, :] <= lengths[:, None]  # [n, K+1]: the current token and the row's draft
+        b.key_ok[:n, slot:upto] = inside
+        visible = (b.key_ok[:n, None, :upto] & (b.slots[None, None, :upto] <= slot + q[None, :, None]))[:, None]
+        x, attn = self._layers(n, t, tokens, pos, slot + q, visible)
+        logits = self.vocabulary(x.reshape(n * (K + 1), -1)).float().view(n, K + 1, -1) + b.suppress
+        # The timestamp rules' state before each position's prediction: after the current token as
+        # the buffers hold it, then after each drafted text token.
+        is_ts = tokens >= self.timestamp_begin
+        last = torch.cat([b.last_ts[:n, None], is_ts[:, 1:]], dim=1)
+        pen = torch.cat([b.pen_ts[:n, None], last[:, :-1]], dim=1)
+        rows = n * (K + 1)
+        picks, logprob = greedy_pick(logits.view(rows, -1), b.ts_mode[:n, None].repeat_interleave(K + 1, 0),
+                                     last.reshape(rows, 1), pen.reshape(rows, 1),
+                                     b.ts_max[:n, None].repeat_interleave(K + 1, 0), self.eot, self.timestamp_begin)
+        picks, logprob = picks.view(n, K + 1), logprob.view(n, K + 1)
+        agree = (picks[:, :K] == drafts) & inside[:, 1:]
+        accepted = agree.int().cumprod(1).sum(1)  # [n]
+        heard = torch.zeros_like(picks)
+        if attn is not None:
+            heard = most_attended(attn.transpose(1, 2).reshape(rows, attn.shape[1], t),
+                                  b.cross_ok[:n, :, :, :t].repeat_interleave(K + 1, 0)[:, 0]).view(n, K + 1)
+        # Leave the buffers as `accepted + 1` steps would: the slots not taken are masked out.
+        b.key_ok[:n, slot:upto] &= q[None, :] <= accepted[:, None]
+        nxt = picks.gather(1, accepted[:, None])[:, 0]
+        before = tokens.gather(1, accepted[:, None])[:, 0]
+        took_ts = nxt >= self.timestamp_begin
+        b.pen_ts[:n].copy_(before >= self.timestamp_begin)
+        b.last_ts[:n].copy_(took_ts)
+        b.ts_max[:n].copy_(torch.where(took_ts, nxt, b.ts_max[:n]))
+        b.next[:n].copy_(nxt)
+        b.token[:n, 0].copy_(nxt)
+        b.pos[:n] += accepted[:, None] + 1
+        b.slot.fill_(upto)
+        return Verified(picks, logprob, heard, attn, accepted)
+
+    def _layers(self, n: int, t: int, tokens: torch.Tensor, pos: torch.Tensor, write: torch.Tensor,
+                visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's blocks over `tokens` [n, q] at positions `pos`, their keys/values written to
+        the cache at slots `write` ([1] or [q]), self-attention over the slots `visible` allows.
+        Returns the final states [n, q, d] and the alignment heads' scores [n, H, q, t] (or None)."""
+        b, dec = self.buf, self.model.decoder
+        heads = self.model.dims.n_text_head
+        x = (dec.token_embedding(tokens) + dec.positional_embedding[pos]).to(b.self_k[0].dtype)
+        upto = visible.shape[-1]
         captured = []
         for layer, block in enumerate(dec.blocks):
             h = block.attn_ln(x)
             q = split_heads(block.attn.query(h), heads)
-            b.self_k[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.key(h), heads))
-            b.self_v[layer][:n].index_copy_(2, b.slot, split_heads(block.attn.value(h), heads))
+            b.self_k[layer][:n].index_copy_(2, write, split_heads(block.attn.key(h), heads))
+            b.self_v[layer][:n].index_copy_(2, write, split_heads(block.attn.value(h), heads))
             kc, vc = b.self_k[layer][:n, :, :upto], b.self_v[layer][:n, :, :upto]
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible)
             x = x + block.attn.out(merge_heads(a))
@@ -243,25 +324,33 @@ class DecoderStep:
                 a = a.transpose(0, 2)
             x = x + block.cross_attn.out(merge_heads(a))
             x = x + block.mlp(block.mlp_ln(x))
-        x = dec.ln(x)
-        logits = self.vocabulary(x[:, -1]).float() + b.suppress
-        if captured:
-            attn = torch.cat(captured, dim=1)
-            b.attn[:n, :, :, :t].copy_(attn)
-            b.heard[:n].copy_(most_attended(attn[:, :, -1], b.cross_ok[:n, 0, :, :t]))
-        return timestamp_rules(logits, b, n, self.eot, self.timestamp_begin)
+        return dec.ln(x), (torch.cat(captured, dim=1) if captured else None)
 
 
-def timestamp_rules(logits: torch.Tensor, b: StepBuffers, n: int, eot: int, timestamp_begin: int,
-                    first: bool = False, max_initial: int = 50) -> torch.Tensor:
-    """Log-probabilities after openai-whisper's timestamp rules, for rows [0, n) (fixed shapes, no
-    host sync). Rows with timestamps: they come in pairs (after a lone timestamp, another or the
-    end; after a pair, text), never go back, and are taken whenever their total probability beats
-    every text token; the first token is a timestamp of at most `max_initial` (1 s). Rows without
-    timestamps never take one."""
-    ids = b.vocab_ids[None, :]
+@dataclass
+class Verified:
+    """What `DecoderStep.verify` found, per row and position [n, K+1]: the token a greedy step picks
+    there, its log-probability, the audio position it attended to (the alignment heads' scores
+    [n, H, K+1, t] too, or None), and how many drafted tokens were taken [n]."""
+
+    picks: torch.Tensor
+    logprob: torch.Tensor
+    heard: torch.Tensor
+    attn: torch.Tensor | None
+    accepted: torch.Tensor
+
+
+def timestamp_rules(logits: torch.Tensor, mode: torch.Tensor, last: torch.Tensor, pen: torch.Tensor,
+                    top: torch.Tensor, eot: int, timestamp_begin: int, first: bool = False,
+                    max_initial: int = 50) -> torch.Tensor:
+    """Log-probabilities [R, vocab] after openai-whisper's timestamp rules (fixed shapes, no host
+    sync), given each row's state [R, 1]: whether it decodes with timestamps (`mode`), whether its
+    last / last-but-one token was one, and the last timestamp taken (`top`). Rows with timestamps:
+    they come in pairs (after a lone timestamp, another or the end; after a pair, text), never go
+    back, and are taken whenever their total probability beats every text token; the first token
+    is a timestamp of at most `max_initial` (1 s). Rows without timestamps never take one."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     is_ts = ids >= timestamp_begin
-    mode, last, pen, top = b.ts_mode[:n, None], b.last_ts[:n, None], b.pen_ts[:n, None], b.ts_max[:n, None]
     if first:
         mask = ~mode & is_ts | mode & ((ids < timestamp_begin) | (ids > timestamp_begin + max_initial))
     else:
@@ -273,6 +362,38 @@ def timestamp_rules(logits: torch.Tensor, b: StepBuffers, n: int, eot: int, time
     best_text = logp[:, :timestamp_begin].max(-1, keepdim=True).values
     force = mode & (ts_mass > best_text)
     return logp.masked_fill(force & (ids < timestamp_begin), -math.inf).log_softmax(-1)
+
+
+def greedy_pick(logits: torch.Tensor, mode: torch.Tensor, last: torch.Tensor, pen: torch.Tensor,
+                top: torch.Tensor, eot: int, timestamp_begin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token a greedy step takes under `timestamp_rules` (after the first token) and its
+    log-probability, [R] each, without building the rules' [R, vocab] masks and two log-softmaxes:
+    the rules only ever allow or forbid whole groups (text, end of text and specials, timestamps
+    from a floor), so each group's maximum and log-sum-exp decide. Six passes over the vocabulary
+    became two; with many rows (a pass over a draft) they were most of its cost."""
+    text, special, ts = logits[:, :eot], logits[:, eot:timestamp_begin], logits[:, timestamp_begin:]
+    ts_ids = torch.arange(ts.shape[1], device=logits.device)[None, :] + timestamp_begin
+    lone = last & ~pen
+    floor = torch.where(lone, top, top + 1)
+    ts_banned = ~mode | (last & pen) | ((ts_ids < floor) & (top >= timestamp_begin))
+    ts = ts.masked_fill(ts_banned, -math.inf)
+    no_text = mode & lone
+    text_max, text_arg = text.max(-1, keepdim=True)
+    text_max = text_max.masked_fill(no_text, -math.inf)
+    text_lse = text.logsumexp(-1, keepdim=True).masked_fill(no_text, -math.inf)
+    special_max, special_arg = special.max(-1, keepdim=True)
+    special_lse = special.logsumexp(-1, keepdim=True)
+    ts_max, ts_arg = ts.max(-1, keepdim=True)
+    ts_lse = ts.logsumexp(-1, keepdim=True)
+    total = torch.logaddexp(torch.logaddexp(text_lse, special_lse), ts_lse)
+    # Timestamps are taken whenever their total probability beats every other token's.
+    force = mode & (ts_lse > torch.maximum(text_max, special_max))
+    best = torch.where(text_max >= special_max, text_arg, special_arg + eot)
+    best_max = torch.maximum(text_max, special_max)
+    take_ts = force | (ts_max > best_max)
+    token = torch.where(take_ts, ts_arg + timestamp_begin, best)
+    logprob = torch.where(force, ts_max - ts_lse, torch.where(take_ts, ts_max, best_max) - total)
+    return token[:, 0], logprob[:, 0]
 
 
 def most_attended(scores: torch.Tensor, in_window: torch.Tensor) -> torch.Tensor:

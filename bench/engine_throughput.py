@@ -36,12 +36,10 @@ from streamserver.config import ServerConfig  # noqa: E402
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.random:
-        from whisper.model import Whisper
-
-        from tests.random_whisper import dims_for
+        from tests.random_whisper import random_model
 
         torch.manual_seed(0)
-        model = Whisper(dims_for(args.model))
+        model = random_model(args.model)
         import whisper
 
         if args.model in whisper._ALIGNMENT_HEADS:  # the real model's alignment heads (their count sets the cost)

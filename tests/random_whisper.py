@@ -32,11 +32,22 @@ def dims_for(name: str) -> ModelDimensions:
     )
 
 
+def random_model(name: str) -> Whisper:
+    """A Whisper of `name`'s dimensions with random weights (from torch's global generator).
+    openai-whisper leaves the decoder's positional embedding uninitialised (`torch.empty`: a trained
+    checkpoint overwrites it); here it is drawn like the other weights, or a decode reads whatever
+    the memory held (NaN logits in some runs and not in others)."""
+    model = Whisper(dims_for(name))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0.0, 0.02)
+    return model
+
+
 def save_random_whisper(name: str, path: Path, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of `name`'s dimensions (fp16, as OpenAI ships them) to `path`."""
     torch.manual_seed(seed)
     dims = dims_for(name)
-    model = Whisper(dims)
+    model = random_model(name)
     state = {k: v.half() for k, v in model.state_dict().items()}
     torch.save({"dims": asdict(dims), "model_state_dict": state}, path)
     return path

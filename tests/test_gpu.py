@@ -34,14 +34,13 @@ def test_models_are_pinned_to_cuda0(tmp_path):
 
 def test_cuda_graph_decoding_matches_eager_decoding():
     """The replayed CUDA graph of the decoder step computes what the eager step computes."""
-    from whisper.model import Whisper
 
     from backends.asr_types import TranscribeJob
     from backends.batched_whisper import BatchedWhisper
-    from tests.random_whisper import decoded_rows, dims_for
+    from tests.random_whisper import decoded_rows, random_model
 
     torch.manual_seed(0)
-    model = Whisper(dims_for("tiny.en")).to("cuda:0")
+    model = random_model("tiny.en").to("cuda:0")
     rng = np.random.default_rng(0)
     jobs = [TranscribeJob((0.05 * rng.standard_normal(16000 * s)).astype(np.float32)) for s in (2, 5, 9)]
 
@@ -62,14 +61,13 @@ def test_cuda_graph_decoding_matches_eager_decoding():
 def test_warm_up_captures_every_graph_a_round_needs():
     """After a device's models load, no round captures a CUDA graph or grows the step's buffers:
     a capture on the live path holds up every stream of the device."""
-    from whisper.model import Whisper
 
     from backends.asr_types import TranscribeJob
     from backends.batched_whisper import BatchedWhisper
-    from tests.random_whisper import dims_for
+    from tests.random_whisper import random_model
 
     torch.manual_seed(0)
-    engine = BatchedWhisper(Whisper(dims_for("tiny.en")).to("cuda:0"), "en", max_batch=8)
+    engine = BatchedWhisper(random_model("tiny.en").to("cuda:0"), "en", max_batch=8)
     engine.force_tokens_per_second = 4.0
     engine.max_tokens_per_second = 4.0
     engine.warm_up()

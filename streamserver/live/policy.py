@@ -206,7 +206,8 @@ class UtteranceBuffer:
         check, self.ending = self.ending, None
         if check is None:
             return []
-        answer = yield TranscribeJob(check.audio, "", check.language, whole_window=True)
+        said = f"{check.prefix} {join_words(check.words)}"  # the decode checked: most likely said again
+        answer = yield TranscribeJob(check.audio, "", check.language, whole_window=True, draft=said)
         heard = [w.shifted(check.offset) for s in answer for w in s.words]
         joined = with_free_ending(check.prefix, check.words, heard, check.prefix_end)
         words = self._once(joined[len(check.words):])
@@ -321,7 +322,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         # ending check) is encoded as Whisper was trained, in 30 s: in 15-s windows the CHILDES
         # father's "... things to say to it?" ended "thing to decide with".
         job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
-                            whole_window=final)
+                            whole_window=final, draft=self._draft())
         answer = yield job
         segments = [s.shifted(self.offset) for s in answer]
         words = [w for s in segments for w in s.words]
@@ -380,6 +381,11 @@ class LocalAgreementPolicy(UtteranceBuffer):
         if inside and text.rstrip().endswith(inside):
             text = text.rstrip()[: -len(inside)]
         return text[-self.prompt_chars:].strip()
+
+    def _draft(self) -> str:
+        """The last hypothesis of the buffer's audio (its committed words, then those waiting): what
+        the next decode says first, most of the time."""
+        return join_words(self.hypothesis.recent_committed + self.hypothesis.pending)
 
     def _stalled(self, heard_until: float) -> bool:
         """The decode said nothing past the committed words, which end a sentence `STALLED_SECONDS`
