@@ -53,6 +53,7 @@ class Pass:
     start: float
     end: float
     reference: str
+    clips: list[tuple[str, float, float, str]] = field(default_factory=list)  # (name, start, end, reference)
 
 
 @dataclass
@@ -77,12 +78,14 @@ def stream_audio(clips: list[Clip], first: int, seconds: float) -> tuple[bytes, 
     at = 0.0
     while at < seconds:
         start = at
+        spans = []
         for clip in order:
             pcm = clip.pcm16()
             chunks += [pcm, silence(CLIP_GAP_SECONDS)]
+            spans.append((clip.name, at, at + len(pcm) / BYTES_PER_SECOND + CLIP_GAP_SECONDS, clip.reference))
             at += len(pcm) / BYTES_PER_SECOND + CLIP_GAP_SECONDS
         chunks.append(silence(PASS_GAP_SECONDS))
-        passes.append(Pass(start, at, " ".join(c.reference for c in order)))
+        passes.append(Pass(start, at, " ".join(c.reference for c in order), spans))
         at += PASS_GAP_SECONDS
     return b"".join(chunks)[: int(seconds * 16000) * 2], passes
 
@@ -207,12 +210,21 @@ def report(t0: float, logs: list[StreamLog], samples, args: argparse.Namespace, 
         print(f"{m + 1:6d}  {rss:6.0f}  {row['cpu_per_audio_s']:13.2f}  {row['bytes_per_audio_s'] / 1000:15.2f}"
               f"  {row['lag_p50']:7.2f}  {row['lag_p95']:7.2f}  {row['words']:5d}")
     wers = []
+    clip_texts: list[list[dict[str, str]]] = []  # per stream, per pass: each recording's captions
     for i, log in enumerate(logs):
         done = [p for p in log.passes if p.end <= log.sent_audio]
         per_pass = [wer(p.reference, pass_text(log.lines, p)) for p in done]
         wers.append(per_pass)
         print(f"stream {i}: WER per pass " + " ".join(f"{100 * w:.1f}" for w in per_pass)
               + (f"  error: {log.error}" if log.error else ""))
+        clip_texts.append([{name: pass_text(log.lines, Pass(a, b, ref)) for name, a, b, ref in p.clips} for p in done])
+        if len(per_pass) > 1:  # where the pass furthest from the first differs from it, clip by clip
+            far = max(range(1, len(per_pass)), key=lambda k: abs(per_pass[k] - per_pass[0]))
+            for name, _, _, ref in done[0].clips:
+                a, b = clip_texts[-1][0][name], clip_texts[-1][far][name]
+                if a != b:
+                    print(f"    {name}: pass 1 {100 * wer(ref, a):.0f} % / pass {far + 1} {100 * wer(ref, b):.0f} %"
+                          f"\n      1: {a}\n      {far + 1}: {b}")
     if offline is not None:
         print(f"offline openai-whisper transcribe, same recordings and weights: WER {100 * offline:.1f} % (pooled)")
 
@@ -233,7 +245,7 @@ def report(t0: float, logs: list[StreamLog], samples, args: argparse.Namespace, 
     print("\nagainst issue 29's goals:")
     for name, (value, ok) in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {value:.2f}")
-    return {"rows": rows, "wer_per_pass": wers, "offline_wer": offline,
+    return {"rows": rows, "wer_per_pass": wers, "clip_texts": clip_texts, "offline_wer": offline,
             "checks": {k: [float(v), bool(ok)] for k, (v, ok) in checks.items()}}
 
 

@@ -127,6 +127,9 @@ SHUTDOWN_BACKSTOP_SECONDS = 5.0
 
 def serve(config: ServerConfig, loader: ModelLoader | None = None) -> None:
     """Serve until SIGTERM has drained the streams (exit 0) or SIGINT stops it. `loader`: models (tests: fakes)."""
+    from .ops import threads
+
+    threads.passive_waits()  # before torch loads its OpenMP runtime
     import uvicorn
 
     from .app import create_app

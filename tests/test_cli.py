@@ -102,3 +102,16 @@ def test_a_sortformer_checkpoint_nemo_cannot_restore_is_refused_at_startup(tmp_p
     assert proc.returncode != 0
     assert f"streamserver: error: --sortformer-model {broken}: " in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("chosen", [None, "ACTIVE"])
+def test_the_server_lets_idle_inference_threads_sleep_unless_the_operator_chose(chosen):
+    """Before torch loads, the server asks OpenMP's idle workers to sleep at once (spinning between a
+    round's small operators cost a fifth of a stream's CPU); an operator's own OMP_WAIT_POLICY wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if chosen:
+        env["OMP_WAIT_POLICY"] = chosen
+    probe = ("import os; from streamserver.ops import threads; changed = threads.passive_waits(); "
+             "import torch; late = threads.passive_waits(); print(changed, late, os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == (["True", "False", "PASSIVE"] if chosen is None else ["False", "False", "ACTIVE"])
