@@ -259,22 +259,26 @@ class DecoderStep:
         b.key_ok[:n, slot:upto] = inside
         visible = (b.key_ok[:n, None, :upto] & (b.slots[None, None, :upto] <= slot + q[None, :, None]))[:, None]
         x, attn = self._layers(n, t, tokens, pos, slot + q, visible)
-        logits = self.vocabulary(x.reshape(n * (K + 1), -1)).float().view(n, K + 1, -1) + b.suppress
         # The timestamp rules' state before each position's prediction: after the current token as
         # the buffers hold it, then after each drafted text token.
         is_ts = tokens >= self.timestamp_begin
         last = torch.cat([b.last_ts[:n, None], is_ts[:, 1:]], dim=1)
         pen = torch.cat([b.pen_ts[:n, None], last[:, :-1]], dim=1)
-        rows = n * (K + 1)
-        picks, logprob = greedy_pick(logits.view(rows, -1), b.ts_mode[:n, None].repeat_interleave(K + 1, 0),
-                                     last.reshape(rows, 1), pen.reshape(rows, 1),
-                                     b.ts_max[:n, None].repeat_interleave(K + 1, 0), self.eot, self.timestamp_begin)
-        picks, logprob = picks.view(n, K + 1), logprob.view(n, K + 1)
+        # Only the positions of each row's own draft are scored (rows' drafts differ in length: the
+        # vocabulary product and the pick are most of a pass).
+        at = inside.reshape(-1).nonzero()[:, 0]
+        mode = b.ts_mode[:n, None].expand(n, K + 1).reshape(-1, 1)[at]
+        top = b.ts_max[:n, None].expand(n, K + 1).reshape(-1, 1)[at]
+        logits = self.vocabulary(x.reshape(n * (K + 1), -1)[at]).float() + b.suppress
+        found, found_logprob = greedy_pick(logits, mode, last.reshape(-1, 1)[at], pen.reshape(-1, 1)[at], top,
+                                           self.eot, self.timestamp_begin)
+        picks = torch.full((n * (K + 1),), -1, dtype=torch.long, device=dev).index_copy_(0, at, found).view(n, K + 1)
+        logprob = torch.zeros(n * (K + 1), device=dev).index_copy_(0, at, found_logprob).view(n, K + 1)
         agree = (picks[:, :K] == drafts) & inside[:, 1:]
         accepted = agree.int().cumprod(1).sum(1)  # [n]
         heard = torch.zeros_like(picks)
         if attn is not None:
-            heard = most_attended(attn.transpose(1, 2).reshape(rows, attn.shape[1], t),
+            heard = most_attended(attn.transpose(1, 2).reshape(n * (K + 1), attn.shape[1], t),
                                   b.cross_ok[:n, :, :, :t].repeat_interleave(K + 1, 0)[:, 0]).view(n, K + 1)
         # Leave the buffers as `accepted + 1` steps would: the slots not taken are masked out.
         b.key_ok[:n, slot:upto] &= q[None, :] <= accepted[:, None]
