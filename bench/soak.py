@@ -218,7 +218,9 @@ def report(t0: float, logs: list[StreamLog], samples, args: argparse.Namespace, 
         print(f"stream {i}: WER per pass " + " ".join(f"{100 * w:.1f}" for w in per_pass)
               + (f"  error: {log.error}" if log.error else ""))
         clip_texts.append([{name: pass_text(log.lines, Pass(a, b, ref)) for name, a, b, ref in p.clips} for p in done])
-        if len(per_pass) > 1:  # where the pass furthest from the first differs from it, clip by clip
+        # Where the pass furthest from the first differs from it, by the recording each caption line
+        # starts in (a line runs on into the next recording when the 1-s gap does not end the utterance).
+        if len(per_pass) > 1:
             far = max(range(1, len(per_pass)), key=lambda k: abs(per_pass[k] - per_pass[0]))
             for name, _, _, ref in done[0].clips:
                 a, b = clip_texts[-1][0][name], clip_texts[-1][far][name]
