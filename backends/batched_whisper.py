@@ -573,8 +573,7 @@ class BatchedWhisper:
                 r.no_speech = p
         last = logits + buf.suppress
         last[:, tok.encode(" ") + [tok.eot]] = -math.inf  # never begin with a blank or end at once
-        logp = timestamp_rules(last, buf.ts_mode[:B, None], buf.last_ts[:B, None], buf.pen_ts[:B, None],
-                               buf.ts_max[:B, None], tok.eot, tok.timestamp_begin, first=True)
+        logp = timestamp_rules(last, *buf.timestamp_state(B), tok.eot, tok.timestamp_begin, first=True)
         buf.pos[:B, 0] = L0 - pads
         buf.slot.fill_(L0)
         return buf, stepper, n, logp, attn

@@ -63,6 +63,10 @@ class StepBuffers:
         self.attn = zeros(rows, max(n_align, 1), 1, audio_ctx, dt=torch.float32)
         self.slots = torch.arange(S, device=device)
 
+    def timestamp_state(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows [0, n)'s timestamp-rule state as `timestamp_rules` and `greedy_pick` take it, [n, 1] each."""
+        return self.ts_mode[:n, None], self.last_ts[:n, None], self.pen_ts[:n, None], self.ts_max[:n, None]
+
     def nbytes(self) -> int:
         tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.attn]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -194,8 +198,7 @@ class DecoderStep:
             nxt = pick(logp, b.temp[:n], self.sampling, self.generator)
             b.logprob[:n].copy_(logp.gather(1, nxt[:, None])[:, 0])
         else:
-            nxt, logprob = greedy_pick(self.logits(n, t), b.ts_mode[:n, None], b.last_ts[:n, None],
-                                       b.pen_ts[:n, None], b.ts_max[:n, None], self.eot, self.timestamp_begin)
+            nxt, logprob = greedy_pick(self.logits(n, t), *b.timestamp_state(n), self.eot, self.timestamp_begin)
             b.logprob[:n].copy_(logprob)
         self.advance(n, nxt)
 
@@ -231,9 +234,7 @@ class DecoderStep:
     def logprobs(self, n: int, t: int) -> torch.Tensor:
         """The next token's log-probabilities for rows [0, n) [n, vocab], after suppression and the
         timestamp rules; the alignment heads' attention of this step goes to buf.attn / buf.heard."""
-        b = self.buf
-        return timestamp_rules(self.logits(n, t), b.ts_mode[:n, None], b.last_ts[:n, None], b.pen_ts[:n, None],
-                               b.ts_max[:n, None], self.eot, self.timestamp_begin)
+        return timestamp_rules(self.logits(n, t), *self.buf.timestamp_state(n), self.eot, self.timestamp_begin)
 
     def verify(self, n: int, t: int, drafts: torch.Tensor, lengths: torch.Tensor) -> Verified:
         """Greedy steps for rows [0, n) along drafted text tokens, in one pass (eager, greedy rows).

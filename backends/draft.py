@@ -9,7 +9,7 @@ number of decoder passes changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # After a token that is not the draft's next, the draft's next few are searched for it: the decode
 # dropped a word of the draft (or changed one: its next token is the draft's after the changed one).
@@ -25,7 +25,6 @@ class Draft:
     tokens: list[int]
     at: int = 0  # the next drafted token
     misses: int = 0  # text tokens since the decode last said a drafted one
-    taken: int = field(default=0, repr=False)  # drafted tokens the decode said (for benchmarks)
 
     def follow(self, token: int) -> None:
         """The decode took text token `token`."""
@@ -33,7 +32,6 @@ class Draft:
         if token in nxt:
             self.at += nxt.index(token) + 1
             self.misses = 0
-            self.taken += 1
         else:
             self.misses += 1
             if self.misses >= MAX_MISSES:

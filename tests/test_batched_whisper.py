@@ -341,3 +341,28 @@ def test_a_draft_of_the_last_decode_takes_fewer_decoder_passes_and_changes_no_wo
         assert timed(drafted[0]) == timed(plain[0]) == timed(wrong[0])
         assert timed(drafted[1]) == timed(plain[1]) == timed(wrong[1])
         assert drafted_passes < plain_passes / 2
+
+
+def test_a_greedy_step_picks_the_token_and_log_probability_of_the_full_timestamp_rules():
+    """Greedy steps and passes over drafts pick under the timestamp rules from each group's maximum and
+    log-sum-exp; that is the token (and log-probability) the rules' full log-softmax picks, in every
+    state of the rules (timestamps or not, after a lone timestamp or a pair, below the last one taken),
+    for English and multilingual vocabularies."""
+    from backends.decoder_step import greedy_pick, timestamp_rules
+
+    gen = torch.Generator().manual_seed(0)
+    for eot, begin, vocab in [(50256, 50257, 51864), (50257, 50364, 51865)]:
+        R = 2000
+        logits = torch.randn(R, vocab, generator=gen) * 3
+        logits[:, begin:] += torch.randn(R, 1, generator=gen) * 4 - 3  # timestamps sometimes win, sometimes not
+        logits[torch.rand(R, vocab, generator=gen) < 0.01] = -float("inf")  # suppressed tokens
+        mode = torch.rand(R, 1, generator=gen) < 0.8
+        last = torch.rand(R, 1, generator=gen) < 0.4
+        pen = torch.rand(R, 1, generator=gen) < 0.5
+        top = torch.where(torch.rand(R, 1, generator=gen) < 0.3, torch.zeros(R, 1, dtype=torch.long),
+                          begin + torch.randint(0, 1500, (R, 1), generator=gen))
+        logp = timestamp_rules(logits, mode, last, pen, top, eot, begin)
+        token, logprob = greedy_pick(logits, mode, last, pen, top, eot, begin)
+        assert torch.equal(token, logp.argmax(-1))
+        assert torch.allclose(logprob, logp.gather(1, token[:, None])[:, 0], atol=1e-4)
+        assert (token >= begin).any() and (token < eot).any()  # both kinds of choice were exercised
