@@ -87,6 +87,26 @@ def test_finalize_commits_what_was_said_and_marks_it_from_finalize(base):
     assert marked[0]["is_final"] and marked[0]["channel"]["alternatives"][0]["transcript"]
 
 
+def test_audio_after_finalize_goes_on_being_transcribed(base):
+    """Finalize mid-stream (LiveKit's and Pipecat's end of turn), then more audio, here at 24 kHz (resampled)."""
+    t = np.arange(24000 * 2) / 24000
+    pcm = (0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2").tobytes()
+    with _open(base, "/v1/listen?encoding=linear16&sample_rate=24000") as ws:
+        got = []
+        for turn in (1, 2):
+            for i in range(0, len(pcm), 960):
+                ws.send(pcm[i:i + 960])
+                time.sleep(0.01)
+            ws.send(json.dumps({"type": "Finalize"}))
+            while sum(bool(e.get("from_finalize")) for e in got) < turn:
+                got.append(json.loads(ws.recv(timeout=30)))
+        ws.send(json.dumps({"type": "CloseStream"}))
+        events, code = _all(ws)
+    assert code == 1000 and events[-1]["type"] == "Metadata"
+    marked = [e for e in got if e.get("from_finalize")]
+    assert len(marked) == 2 and all(e["channel"]["alternatives"][0]["transcript"] for e in marked)
+
+
 def test_mulaw_at_8_khz_in_stereo_is_heard(base):
     from streamserver.audio import raw
 

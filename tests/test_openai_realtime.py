@@ -93,6 +93,37 @@ def test_without_turn_detection_the_clients_commit_makes_the_item(base):
     assert completed["item_id"] == events[-2]["item_id"] and completed["usage"]["type"] == "duration"
 
 
+@pytest.mark.parametrize("fmt", ["audio/pcm", "audio/pcmu"])
+def test_audio_after_a_commit_and_a_clear_goes_on_being_transcribed(base, fmt):
+    """A client that commits each turn (Pipecat's default, LiveKit's client commits) appends again right after;
+    24 kHz PCM and 8 kHz mu-law both go through the resampler, which a commit drains."""
+    from streamserver.audio import raw
+
+    def audio(seconds: float) -> bytes:
+        if fmt == "audio/pcm":
+            return (_tone(seconds) * 32767).astype("<i2").tobytes()
+        lin = (_tone(seconds, 8000) * 32767).astype(np.int16)
+        return np.abs(raw._mulaw_table()[None, :].astype(np.int32) - lin[:, None]).argmin(axis=1).astype(np.uint8).tobytes()
+
+    chunk = 960 if fmt == "audio/pcm" else 160  # 20 ms
+    with _open(base) as ws:
+        _recv(ws)
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "format": {"type": fmt}, "turn_detection": None}}}}))
+        _recv(ws)
+        turns = []
+        for end in ("input_audio_buffer.commit", "input_audio_buffer.clear", "input_audio_buffer.commit"):
+            _append(ws, audio(2.0), chunk)
+            ws.send(json.dumps({"type": end}))
+            if end.endswith("commit"):
+                turns.append(_until(ws, "conversation.item.input_audio_transcription.completed"))
+            else:
+                assert _until(ws, "input_audio_buffer.cleared")
+    assert not [e for turn in turns for e in turn if e["type"] == "error"], turns
+    assert all(turn[-1]["transcript"] for turn in turns)
+    assert turns[0][-1]["item_id"] == turns[1][-2]["previous_item_id"]
+
+
 def test_bad_events_get_openai_errors_and_the_session_goes_on(base):
     with _open(base) as ws:
         _recv(ws)

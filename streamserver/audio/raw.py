@@ -3,6 +3,8 @@
 
 Channels are averaged to mono; other rates go through PyAV's `AudioResampler` (a streaming
 resampler: frames fed in pieces come out as one continuous signal, with no edge at each piece).
+`flush` hands out what the resampler still holds and leaves the decoder ready for more audio
+(OpenAI's `input_audio_buffer.commit` flushes mid-stream, and the client goes on appending).
 """
 from __future__ import annotations
 
@@ -64,10 +66,18 @@ class RawDecoder:
         return self._resample(samples)
 
     def flush(self) -> np.ndarray:
+        """Everything fed so far (a trailing part-sample is dropped). The decoder stays usable: a
+        drained PyAV resampler refuses more frames (EOF), so the next `feed` starts a fresh one."""
         self._carry = b""
         if self._resampler is None:
             return _EMPTY
-        return self._collect(self._resampler.resample(None))
+        import av
+
+        resampler, self._resampler, self._pts = self._resampler, None, 0
+        try:
+            return self._collect(resampler.resample(None))
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise AudioDecodeError(f"resampling failed: {exc}") from exc
 
     def _resample(self, samples: np.ndarray) -> np.ndarray:
         import av

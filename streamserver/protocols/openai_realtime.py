@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
+from ..audio.containers import AudioDecodeError
 from ..audio.raw import RawDecoder
 from ..errors import ConnectionFailure, ShuttingDown
 from ..live.admission import Refusal, admit
@@ -177,7 +178,7 @@ class RealtimeAdapter:
                                "24000 Hz, audio/pcmu or audio/pcma", "invalid_value",
                                "session.audio.input.format", event_id)]
             if kind != self.format:
-                self.stream.feed(self.decoder.flush())
+                self._flush(event_id)  # (a resampler error here is moot: the decoder is replaced)
                 self.format, self.decoder = kind, RawDecoder(*FORMATS[kind])
         transcription = audio_in.get("transcription") or {}
         if "language" in transcription:
@@ -209,7 +210,11 @@ class RealtimeAdapter:
             return [_error("invalid_request_error", f"Audio chunk too large: {len(data)} bytes (limit "
                            f"{stream.server.config.max_frame_bytes})", "invalid_value", "audio", event_id)]
         self._appended += len(data)
-        stream.feed(self.decoder.feed(data), len(data))
+        try:
+            stream.feed(self.decoder.feed(data), len(data))
+        except AudioDecodeError as exc:  # the protocol's error event; the session goes on
+            return [_error("invalid_request_error", f"input_audio_buffer.append: {exc}", "invalid_value", "audio",
+                           event_id)]
         return None
 
     def _commit(self, event: dict, stream: LiveStream, event_id: str | None) -> list[dict] | None:
@@ -218,9 +223,16 @@ class RealtimeAdapter:
                            "input_audio_buffer_commit_empty", None, event_id)]
         self._appended = 0
         self._commits += 1
-        stream.feed(self.decoder.flush())
+        errors = self._flush(event_id)  # the audio so far, all of it; the decoder takes more appends after
         stream.cut()
-        return None
+        return errors or None
+
+    def _flush(self, event_id: str | None) -> list[dict]:
+        try:
+            self.stream.feed(self.decoder.flush())
+        except AudioDecodeError as exc:
+            return [_error("invalid_request_error", f"input_audio_buffer: {exc}", "invalid_value", "audio", event_id)]
+        return []
 
     def _clear(self, event: dict, stream: LiveStream, event_id: str | None) -> list[dict]:
         self._appended = 0
