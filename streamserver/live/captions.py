@@ -43,7 +43,9 @@ class CaptionState:
     words: tuple[SpokenWord, ...] = ()  # every committed word, in order
     tentative: tuple[SpokenWord, ...] = ()  # the words still forming (may change)
     speech_starts: tuple[float, ...] = ()  # stream seconds where each utterance began
-    speech_ends: tuple[float, ...] = ()  # ... and ended (one fewer while one is under way)
+    # ... and ended (one fewer while one is under way), told with the utterance's last word: after its
+    # ending check, so that a turn's end (Deepgram's speech_final, OpenAI's completed) carries every word
+    speech_ends: tuple[float, ...] = ()
     cuts: int = 0  # how many of the client's cuts (Finalize, commit) this state includes
 
     @property

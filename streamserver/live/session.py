@@ -128,7 +128,8 @@ class Session:
         self._fed_end = 0  # absolute sample up to which the last utterance was fed (the next starts after)
         self._tentative: list = []
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
-        self._ends: list[float] = []
+        self._ends: list[float] = []  # (an utterance's end is told once its ending is checked)
+        self._closing: float | None = None  # where the utterance whose ending waits for its check ended
         self._cuts = 0
 
     # -- worker side ----------------------------------------------------
@@ -165,7 +166,7 @@ class Session:
                     self.policy.end_at(min(tail_end, self.segmenter.speech_end) / SAMPLE_RATE)
                 self._commit((yield from self.policy.finish_steps()))
                 self._in_speech = False
-                self._ends.append(tail_end / SAMPLE_RATE)
+                self._ended(tail_end / SAMPLE_RATE)
                 self._speech_end = self._fed_end = tail_end
             self._tentative = []
             if check_ending:
@@ -223,7 +224,8 @@ class Session:
             speech_detected=self._speech_seen,
             words=tuple(self.transcript.words),
             tentative=() if final else tuple(SpokenWord(w.text.strip(), w.start, w.end) for w in self._tentative),
-            speech_starts=tuple(self._starts),
+            # An utterance that began after one whose end is not told yet is told after it.
+            speech_starts=tuple(self._starts[:len(self._ends) + 1]),
             speech_ends=tuple(self._ends),
             cuts=self._cuts,
         )
@@ -285,6 +287,17 @@ class Session:
         if self.ending_pending:
             self._commit((yield from self.policy.ending_steps()))
             self._attribute()
+        if self._closing is not None:
+            self._ends.append(self._closing)
+            self._closing = None
+
+    def _ended(self, t: float) -> None:
+        """The utterance under way ended at stream time `t`. Its end is told (`CaptionState.speech_ends`,
+        the turn ends of the vendor protocols) with its last words: at once, or after its ending check."""
+        if self.ending_pending:
+            self._closing = t
+        else:
+            self._ends.append(t)
 
     def _commit(self, words: list) -> None:
         """Committed words go to the transcript, through attribution when there is a diarizer.
@@ -314,7 +327,7 @@ class Session:
         self._commit((yield from self.policy.finish_steps()))
         self._tentative = []
         self._in_speech = False
-        self._ends.append(sample / SAMPLE_RATE)
+        self._ended(sample / SAMPLE_RATE)
         self._speech_end = sample
         self._fed_end = max(sample, self._fed_until)
 

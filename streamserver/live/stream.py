@@ -199,6 +199,8 @@ class LiveStream:
                     self._publish(await self._infer(session.cut))
                 else:
                     self._publish(await self._infer(session.step))
+                if session.ending_pending:  # the turn ends with its ending checked: next round, audio or not
+                    self._arrived.set()
             final = await self._infer(lambda: session.finish(check_ending=False))
             if session.ending_pending:  # the words first, then what a free decode hears after them
                 self._publish(final)

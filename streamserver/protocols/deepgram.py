@@ -193,15 +193,25 @@ class DeepgramAdapter:
         new = state.words[self._final_words:]
         ended = len(state.speech_ends) > self._ends
         finalized = state.cuts > self._cuts
+        after: tuple[SpokenWord, ...] = ()
+        if ended and len(state.speech_starts) > len(state.speech_ends):
+            # The next utterance began, and has words already: they are not part of the turn that ends.
+            begun = state.speech_starts[len(state.speech_ends)]
+            split = next((i for i, w in enumerate(new) if w.start >= begun), len(new))
+            new, after = new[:split], new[split:]
         if new or (ended and self._final_words) or finalized:
             events.append(self._results(new, True, speech_final=ended, received=update.received_seconds,
                                         from_finalize=finalized))
+        if after:
+            events.append(self._results(after, True, received=update.received_seconds))
+        if new or after or (ended and self._final_words) or finalized:
             self._cuts = state.cuts
             self._final_words = len(state.words)
             self._interim = ""
         if ended:
             if self.options.utterance_end_ms is not None:
-                last = state.words[-1].end if state.words else state.speech_ends[-1]
+                turn = state.words[:len(state.words) - len(after)]
+                last = turn[-1].end if turn else state.speech_ends[-1]
                 events.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last, 3)})
             self._ends = len(state.speech_ends)
         if self.options.interim_results:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import secrets
 import time
 import uuid
@@ -243,13 +244,17 @@ class RealtimeAdapter:
         state = update.state
         events: list[dict] = []
         vad = self.turn_detection is not None
+        # An utterance's end is told after its last word (`CaptionState.speech_ends`): every word before
+        # the next utterance's start belongs to the item it closes.
+        starts = state.speech_starts
         timeline = sorted(
-            [(t, 0, "end") for t in state.speech_ends[self._ends:]]
-            + [(t, 1, "start") for t in state.speech_starts[self._starts:]]
-            + [(w.start, 2, i) for i, w in enumerate(state.words[self._words:], self._words)],
+            [(starts[i + 1] if i + 1 < len(starts) else math.inf, 0, "end", t)
+             for i, t in enumerate(state.speech_ends[self._ends:], self._ends)]
+            + [(t, 1, "start", t) for t in state.speech_starts[self._starts:]]
+            + [(w.start, 2, i, w.start) for i, w in enumerate(state.words[self._words:], self._words)],
             key=lambda x: (x[0], x[1]))
         self._starts, self._ends = len(state.speech_starts), len(state.speech_ends)
-        for at, _, what in timeline:
+        for _, _, what, at in timeline:
             if what == "start":
                 if vad:
                     events += self._finish_item(at)  # (a word-less item the VAD opened and closed)
