@@ -17,6 +17,7 @@ from .config import ServerConfig
 from .protocols.asr import asr_endpoint
 from .protocols.asr_watch import watch_endpoint
 from .protocols.deepgram import listen_endpoint
+from .protocols.deepgram_prerecorded import prerecorded_endpoint
 from .protocols.openai_realtime import realtime_endpoint
 from .jobs.api import jobs_routes
 from .page import page_routes
@@ -82,6 +83,7 @@ def create_app(config: ServerConfig | None = None, loader: ModelLoader | None = 
             WebSocketRoute("/asr", asr_endpoint),
             WebSocketRoute("/asr/watch/{stream_id}", watch_endpoint),
             WebSocketRoute("/v1/listen", listen_endpoint),
+            Route("/v1/listen", prerecorded_endpoint, methods=["POST"]),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
             *jobs_routes(),
         ],

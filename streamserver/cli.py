@@ -82,8 +82,8 @@ FLAGS: list[tuple[str, object, str]] = [
                                     "a viewer is closed with 1013"),
     ("request_timeout", float, "an HTTP request whose head has not all arrived, or whose body has sent "
                                "nothing, after this many seconds gets 408 and is closed"),
-    ("max_upload_mb", float, "largest file accepted by /jobs and /v1/audio/transcriptions"),
-    ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions answers directly (longer: use /jobs)"),
+    ("max_upload_mb", float, "largest file accepted by /jobs, /v1/audio/transcriptions and POST /v1/listen"),
+    ("sync_max_seconds", float, "longest audio /v1/audio/transcriptions and POST /v1/listen answer at once (else /jobs)"),
     ("max_batch", int, "most streams in one batched Whisper call (a round with more runs several)"),
     ("trim_seconds", float, "cut a transcription buffer longer than this at its last committed clause end"),
     ("bucket_seconds", float, "a live LocalAgreement buffer's encoder window is at least 15 s and grows in "

@@ -1,4 +1,5 @@
-"""HTTP for files: OpenAI's `POST /v1/audio/transcriptions` and the `/jobs` API (contract section 5).
+"""HTTP for files: OpenAI's `POST /v1/audio/transcriptions` and the `/jobs` API (contract section 5);
+`transcribe_now` is the synchronous path Deepgram's pre-recorded `POST /v1/listen` shares.
 
 Uploads go into the jobs folder as they arrive, and reading stops at `--max-upload-mb`
 (upload.py); the file is decoded once up front so a bad file is a 400 with the decoder's
@@ -24,14 +25,47 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class SyncJobFailed(Exception):
+    """A synchronous transcription's job failed (or was deleted) before its words were in."""
+
+
+async def audio_seconds(path: Path) -> float:
+    """The file's duration in seconds, decoding it once; FileDecodeError (the file removed) if it is not audio."""
+    try:
+        audio = await asyncio.to_thread(decode_file, str(path))
+    except FileDecodeError:
+        path.unlink(missing_ok=True)
+        raise
+    return len(audio) / SAMPLE_RATE
+
+
+async def transcribe_now(runner: JobRunner, path: Path, language: str | None, prompt: str | None = None,
+                         diarization: bool = False) -> tuple[list[dict], list[tuple[float, float, int]] | None]:
+    """A file transcribed while the client waits, as a job through the runner (the devices' file lane):
+    its words and, with `diarization`, its speaker turns. The job is gone afterwards; if the client goes
+    away first, it is cancelled and deleted. SyncJobFailed: the job failed."""
+    job = await runner.db(runner.store.create, path, language, prompt, diarization)
+    runner.wake()
+    try:
+        done = await runner.wait_done(job.id)
+    except asyncio.CancelledError:  # the client went away: its job goes too
+        runner.cancel(job.id)
+        await asyncio.shield(runner.db(runner.store.delete, job.id))
+        raise
+    if done is None or done.status != "done":
+        raise SyncJobFailed(done.error if done else "job deleted")
+    words = await runner.db(runner.store.words, job.id)
+    turns = await runner.db(runner.store.turns, job.id) if diarization else None
+    await runner.db(runner.store.delete, job.id)
+    return words, turns
+
+
 async def _check_audio(path: Path) -> float | JSONResponse:
     """The file's duration in seconds, or the 400 answer with the decoder's reason."""
     try:
-        audio = await asyncio.to_thread(decode_file, str(path))
+        return await audio_seconds(path)
     except FileDecodeError as exc:
-        path.unlink(missing_ok=True)
         return _error(str(exc), 400)
-    return len(audio) / SAMPLE_RATE
 
 
 async def _accept_file(request: Request) -> tuple[Path, dict, float] | JSONResponse:
@@ -61,19 +95,10 @@ async def openai_transcriptions(request: Request) -> Response:
         path.unlink(missing_ok=True)
         return _error(f"The file is {seconds:.0f} s of audio, over --sync-max-seconds "
                       f"({server.config.sync_max_seconds:g} s): submit it to POST /jobs", 413)
-    runner: JobRunner = server.jobs
-    job = await runner.db(runner.store.create, path, fields.get("language") or None, fields.get("prompt"))
-    runner.wake()
     try:
-        done = await runner.wait_done(job.id)
-    except asyncio.CancelledError:  # the client went away: its job goes too
-        runner.cancel(job.id)
-        await asyncio.shield(runner.db(runner.store.delete, job.id))
-        raise
-    if done is None or done.status != "done":
-        return _error(f"Transcription failed: {done.error if done else 'job deleted'}", 500)
-    words = await runner.db(runner.store.words, job.id)
-    await runner.db(runner.store.delete, job.id)
+        words, _ = await transcribe_now(server.jobs, path, fields.get("language") or None, fields.get("prompt"))
+    except SyncJobFailed as exc:
+        return _error(f"Transcription failed: {exc}", 500)
     body, media = render(words, fmt, duration=round(seconds, 2), language=fields.get("language"),
                          with_words="word" in fields["timestamp_granularities"])
     return Response(body, media_type=media)

@@ -1,5 +1,6 @@
 """Reading an upload (contract section 5): the multipart form's `file`, written into the jobs folder as
-the body arrives, and its other fields.
+the body arrives, and its other fields; or (`receive_body`, Deepgram's pre-recorded API) a body that is
+the file itself, under the same limit.
 
 The body is read from `request.stream()` and counted as it comes: past `--max-upload-mb` (the
 file) or that plus `FORM_SLACK` (the whole body: the multipart framing and the small fields beside
@@ -177,9 +178,65 @@ async def receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
     return target, fields
 
 
-def _discard(out: BinaryIO | None, target: Path | None, answer: JSONResponse) -> JSONResponse:
+def _discard(out: BinaryIO | None, target: Path | None, answer: JSONResponse | None) -> JSONResponse | None:
     if out is not None:
         out.close()
     if target is not None:
         target.unlink(missing_ok=True)
     return answer
+
+
+class UploadRefused(Exception):
+    """A raw upload refused: the HTTP status and the reason (the caller shapes the answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def receive_body(request: Request, prefix: bytes = b"") -> tuple[Path, int, str]:
+    """A request body that is the file itself (Deepgram's pre-recorded upload), written into the jobs
+    folder as it arrives, after `prefix` (a header the caller puts before raw samples), under the same
+    `--max-upload-mb` limit as a form's file: (path, body bytes, the body's sha256). UploadRefused: too
+    large (413), empty or interrupted (400); nothing is left on disk then."""
+    import hashlib
+
+    server = request.app.state.server
+    max_mb = server.config.max_upload_mb
+    limit = int(max_mb * 2**20)
+    too_large = f"File too large: over --max-upload-mb ({max_mb:g} MB)"
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise UploadRefused(413, too_large)
+    target = server.jobs.uploads / (uuid.uuid4().hex + ".audio")
+    out = await asyncio.to_thread(open, target, "wb")
+    digest = hashlib.sha256()
+    received = 0
+    pending: list[bytes] = [prefix] if prefix else []
+    pending_bytes = len(prefix)
+    body = request.stream()
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > limit:
+                raise UploadRefused(413, too_large)  # stop reading here: the rest is never written anywhere
+            digest.update(chunk)
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= WRITE_BLOCK:
+                await asyncio.to_thread(out.write, b"".join(pending))
+                pending, pending_bytes = [], 0
+        if not received:
+            raise UploadRefused(400, "The request body is empty: send the audio file as the body")
+        await asyncio.to_thread(out.write, b"".join(pending))
+    except UploadRefused:
+        _discard(out, target, None)
+        raise
+    except ClientDisconnect:
+        _discard(out, target, None)
+        raise UploadRefused(400, "The upload was interrupted") from None
+    finally:
+        await body.aclose()
+    await asyncio.to_thread(out.close)
+    return target, received, digest.hexdigest()
