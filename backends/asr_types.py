@@ -120,6 +120,15 @@ class TranscribeJob:
 
 
 @dataclass(frozen=True)
+class TranscribeTogether:
+    """Jobs one step needs at the same time, answered together (a list of their answers, in order): an
+    utterance's last decode and the free decode that checks its ending hear the same audio, so in one
+    batch the engine encodes it once, and the turn ends one decode sooner (`BatchedWhisper.encode`)."""
+
+    jobs: tuple[TranscribeJob, ...]
+
+
+@dataclass(frozen=True)
 class DecodeNow:
     """A stream's question to its round: "do other streams decode in this round?". A stream with part
     of a step's new audio asks it; answered yes, it decodes now, in their batch. After that decode
@@ -135,10 +144,16 @@ Steps = Generator[TranscribeJob, list[Segment], "object"]
 
 
 def drive(steps: Generator[TranscribeJob, list[Segment], T], transcribe: Callable[[TranscribeJob], list[Segment]]) -> T:
-    """Run `steps` to its end, answering each job with `transcribe(job)`; returns the step's result."""
+    """Run `steps` to its end, answering each job with `transcribe(job)` (the jobs of a
+    `TranscribeTogether` one by one, unless `transcribe.together` says it answers them in one batch);
+    returns the step's result."""
+    together = getattr(transcribe, "together", False)
     try:
         job = next(steps)
         while True:
-            job = steps.send(transcribe(job))
+            if isinstance(job, TranscribeTogether) and not together:
+                job = steps.send([transcribe(j) for j in job.jobs])
+            else:
+                job = steps.send(transcribe(job))
     except StopIteration as stop:
         return stop.value

@@ -268,17 +268,24 @@ class BatchedWhisper:
         Returns ([B, T, d], each row's window in encoder positions, each row's positions
         that hold audio). Audios of one bucket are encoded together; a row's output
         depends only on its own audio. `whole`: rows whose window is 30 s whatever the bucket.
+        Rows of the very same audio array in the same window (`TranscribeTogether`: an utterance's last
+        decode and its ending check) are encoded once.
         """
         whole = whole or [False] * len(audios)
         windows = [_window_frames(30.0) if w else self._bucket_frames(len(a)) for a, w in zip(audios, whole)]
         width = max(windows) // 2
         result = torch.zeros(len(audios), width, self.dims.n_audio_state, dtype=self.dtype, device=self.device)
+        first: dict[tuple[int, int], int] = {}  # (audio's identity, window) -> the row that encodes it
+        copies = [first.setdefault((id(a), w), i) for i, (a, w) in enumerate(zip(audios, windows))]
         for frames in sorted(set(windows)):
-            same = [i for i, w in enumerate(windows) if w == frames]
+            same = [i for i, w in enumerate(windows) if w == frames and copies[i] == i]
             for k in range(0, len(same), ENCODE_BATCH):  # activations stay bounded whatever the batch
                 idx = same[k:k + ENCODE_BATCH]
                 mel = self._mel([audios[i] for i in idx], frames)
                 result[idx, : frames // 2] = self._encoder(mel)
+        for i, source in enumerate(copies):
+            if source != i:
+                result[i] = result[source]
         valid = [max(1, math.ceil(len(a) / HOP_LENGTH / 2)) for a in audios]
         return result, [w // 2 for w in windows], [min(v, w // 2) for v, w in zip(valid, windows)]
 

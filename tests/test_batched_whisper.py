@@ -366,3 +366,20 @@ def test_a_greedy_step_picks_the_token_and_log_probability_of_the_full_timestamp
         assert torch.equal(token, logp.argmax(-1))
         assert torch.allclose(logprob, logp.gather(1, token[:, None])[:, 0], atol=1e-4)
         assert (token >= begin).any() and (token < eot).any()  # both kinds of choice were exercised
+
+
+def test_two_jobs_of_the_same_audio_in_one_batch_encode_it_once(monkeypatch):
+    """An utterance's last decode and the free decode that checks its ending hear the same audio
+    (`TranscribeTogether`): one encoder pass serves both rows, each row as it would be alone."""
+    torch.manual_seed(0)
+    engine = BatchedWhisper(random_model("tiny.en"), "en", bucket_seconds=5)
+    rng = np.random.default_rng(0)
+    shared, other = (rng.standard_normal(16000 * n).astype(np.float32) for n in (3, 2))
+    rows = []
+    encoder = engine._encoder
+    monkeypatch.setattr(engine, "_encoder", lambda mel: rows.append(len(mel)) or encoder(mel))
+    encoded, windows, _ = engine.encode([shared, other, shared], [True, False, True])
+    assert sum(rows) == 2  # the shared audio once, the other once
+    alone = engine.encode([shared], [True])[0]
+    assert torch.equal(encoded[0], encoded[2]) and torch.allclose(encoded[0, :windows[0]], alone[0], atol=1e-5)
+    assert windows[0] == windows[2] == 1500 and windows[1] < 1500

@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from backends.asr_types import Segment, TranscribeJob, drive
+from backends.asr_types import Segment, TranscribeJob, TranscribeTogether, drive
 from gpu_manager import Device
 from streamserver.live.session import (
     AudioInbox,
@@ -81,3 +81,37 @@ def test_each_utterance_keeps_the_last_word_a_prompted_decode_stopped_short_of_a
     assert starts == sorted(starts)
     lines = [(ln.start, ln.end) for ln in state.lines]
     assert [s for s, _ in lines] == sorted(s for s, _ in lines)  # no silence line before the words it follows
+
+
+def test_an_utterance_end_is_told_with_every_word_of_it_and_its_check_beside_its_last_decode():
+    """Voice agents end a turn at the utterance's end (Deepgram's speech_final, OpenAI's completed): the
+    state that first tells an end already holds every word before it. The last decode of an utterance
+    and the free decode that checks it hear the same audio: they go to the engine together, in the
+    same step, not a step apart."""
+    models = fake_loader(Device(0, "cpu", 0, "cpu"))
+    models.asr = StopsShortWhenPrompted()
+    base = answer_directly(models)
+    together = []
+
+    def answer(job):
+        together.append(isinstance(job, TranscribeTogether))
+        return base(job)
+
+    answer.together = True
+    # A short endpointing pause, as voice agents ask for: the VAD ends each utterance before a decode heard
+    # its last half second.
+    session = Session(AudioInbox(), models, SessionOptions(utterance_pause_seconds=0.5, silence_line_seconds=1.0))
+    pause = np.zeros(int(2.5 * 16000), np.float32)
+    audio = np.concatenate([_speech(3.5), pause, _speech(3.5, 0.1), pause, _speech(3.5), pause])
+    told: list[tuple[float, list[str]]] = []  # (an end, the words shown when it was first told)
+    for at in range(0, len(audio), 4000):
+        session.inbox.put(audio[at:at + 4000])
+        state = drive(session.step(), answer)
+        for end in state.speech_ends[len(told):]:
+            told.append((end, [w.text.strip() for w in state.words]))
+    state = drive(session.finish(), answer)
+    assert len(told) == 3
+    for end, words in told:
+        before = [w.text.strip() for w in state.words if w.start < end]
+        assert words[:len(before)] == before, (end, words, before)
+    assert any(together)  # the prompted utterances' last decodes were paired with their checks

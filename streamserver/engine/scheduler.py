@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from backends.asr_types import DecodeNow, Segment, Steps, TranscribeJob
+from backends.asr_types import DecodeNow, Segment, Steps, TranscribeJob, TranscribeTogether
 from backends.diarization_types import DiarizeJob
 from backends.vad import VadJob
 
@@ -289,7 +289,7 @@ class DeviceScheduler:
                 break
             offers = [i for i in asking if isinstance(progress[i].job, DecodeNow)]
             if offers:  # answered first, so that streams that join decode in the same batch
-                joining = any(isinstance(progress[i].job, TranscribeJob) for i in asking)
+                joining = any(isinstance(progress[i].job, (TranscribeJob, TranscribeTogether)) for i in asking)
                 for i in offers:
                     progress[i] = _advance(requests[i].steps, joining)
                 continue
@@ -298,7 +298,7 @@ class DeviceScheduler:
             asr = [i for i in asking if not isinstance(progress[i].job, (VadJob, DiarizeJob))]
             answers = dict(zip(vad, self._vad(models, [progress[i].job for i in vad], started)))
             answers.update(zip(diarize, self._diarize(models, [progress[i].job for i in diarize], started)))
-            answers.update(zip(asr, self._transcribe(models.asr, [progress[i].job for i in asr], started)))
+            answers.update(self._transcribe_asked(models.asr, [(i, progress[i].job) for i in asr], started))
             for i, answer in answers.items():
                 if isinstance(answer, BaseException):
                     requests[i].steps.close()
@@ -340,6 +340,22 @@ class DeviceScheduler:
             return [exc] * len(jobs)
         finally:
             self._spent("diarization", time.process_time() - cpu)
+
+    def _transcribe_asked(self, asr: Any, asked: list[tuple[int, Any]], started: float) -> dict[int, Any]:
+        """The wave's Whisper jobs in batches, a step's `TranscribeTogether` among them (its jobs side by
+        side, answered as a list); each step's answer, or the error of one of its jobs."""
+        flat: list[TranscribeJob] = []
+        for _, job in asked:
+            flat += job.jobs if isinstance(job, TranscribeTogether) else (job,)
+        results = self._transcribe(asr, flat, started)
+        answers: dict[int, Any] = {}
+        at = 0
+        for i, job in asked:
+            n = len(job.jobs) if isinstance(job, TranscribeTogether) else 1
+            part, at = results[at:at + n], at + n
+            error = next((r for r in part if isinstance(r, BaseException)), None)
+            answers[i] = error if error is not None else (part if isinstance(job, TranscribeTogether) else part[0])
+        return answers
 
     def _transcribe(self, asr: Any, jobs: list[TranscribeJob], started: float,
                     file: bool = False) -> list[list[Segment] | BaseException]:

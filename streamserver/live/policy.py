@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from backends.asr_types import (DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, Word, drive, join_words,
-                                without_repeats)
+from backends.asr_types import (DECODE_SECONDS, SENTENCE_END, Segment, TranscribeJob, TranscribeTogether, Word,
+                                drive, join_words, without_repeats)
 from backends.free_ending import with_free_ending
 
 SAMPLE_RATE = 16000
@@ -128,6 +128,7 @@ class EndingCheck:
     prefix_end: float  # stream time where the prefix's words end
     words: list[Word]  # what the decode said after the prefix (stream times)
     held: Word | None = None  # its last word, committed with the ending (its punctuation may change)
+    heard: tuple[Word, ...] | None = None  # the free decode's words (stream times), when it ran beside it
 
 
 class UtteranceBuffer:
@@ -206,9 +207,11 @@ class UtteranceBuffer:
         check, self.ending = self.ending, None
         if check is None:
             return []
-        said = f"{check.prefix} {join_words(check.words)}"  # the decode checked: most likely said again
-        answer = yield TranscribeJob(check.audio, "", check.language, whole_window=True, draft=said)
-        heard = [w.shifted(check.offset) for s in answer for w in s.words]
+        if check.heard is not None:  # decoded beside the decode it checks (`TranscribeTogether`)
+            heard = list(check.heard)
+        else:
+            answer = yield self._free_job(check.audio, f"{check.prefix} {join_words(check.words)}")
+            heard = [w.shifted(check.offset) for s in answer for w in s.words]
         joined = with_free_ending(check.prefix, check.words, heard, check.prefix_end)
         words = self._once(joined[len(check.words):])
         self._remember(words)
@@ -216,6 +219,17 @@ class UtteranceBuffer:
             return words
         # The held word as the free decode spells it, when it goes on after it ("say." -> "say").
         return [joined[len(check.words) - 1] if words else check.held] + words
+
+    @property
+    def ending_decoded(self) -> bool:
+        """The ending's free decode already ran (beside the utterance's last decode): checking it needs
+        no model."""
+        return self.ending is not None and self.ending.heard is not None
+
+    def _free_job(self, audio: np.ndarray, said: str) -> TranscribeJob:
+        """The free decode that checks an ending; `said`: the checked decode's text (the draft: most
+        likely said again)."""
+        return TranscribeJob(audio, "", self.language, whole_window=True, draft=said)
 
     def finish_all_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance and its ending checked, in one go (for callers that show nothing
@@ -323,12 +337,19 @@ class LocalAgreementPolicy(UtteranceBuffer):
         # father's "... things to say to it?" ended "thing to decide with".
         job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
                             whole_window=final, draft=self._draft())
-        answer = yield job
-        segments = [s.shifted(self.offset) for s in answer]
+        if final and self.heard_all and job.prompt:
+            # The utterance's last decode, and the free decode that checks its ending, side by side.
+            conditioned, free = yield TranscribeTogether((job, self._free_job(window, job.draft)))
+            heard = tuple(w.shifted(self.offset) for s in free for w in s.words)
+        else:
+            conditioned, heard = (yield job), None
+        segments = [s.shifted(self.offset) for s in conditioned]
         words = [w for s in segments for w in s.words]
         # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
         # now; without a prompt it was a free decode already.
-        self._last_decode = self._ending_of(job, words) if self.heard_all and job.prompt else None
+        self._last_decode = None
+        if self.heard_all and job.prompt:
+            self._last_decode = replace(self._ending_of(job, words), heard=heard)
         heard_until = self.processed_until
         if not self.heard_all:  # the window ends inside the buffer, maybe inside a word: hear it again
             heard_until -= EDGE_SECONDS

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.asr_types import DecodeNow, Steps, join_words
+from backends.asr_types import DecodeNow, Steps, TranscribeTogether, join_words
 from backends.diarization_types import DiarizeJob
 from backends.vad import WINDOW, SileroVAD, SpeechSegmenter, VadJob
 
@@ -90,8 +90,11 @@ def answer_directly(models):
             return models.vad.probabilities(job.state, job.audio)
         if isinstance(job, DiarizeJob):
             return models.diarizer.process_batch([job])[0]
+        if isinstance(job, TranscribeTogether):
+            return models.asr.transcribe_batch(list(job.jobs))
         return models.asr.transcribe_batch([job])[0]
 
+    answer.together = True  # `drive` hands it a TranscribeTogether whole: one batch
     return answer
 
 
@@ -164,7 +167,7 @@ class Session:
                 self._feed_policy(tail_end)
                 if self.segmenter.speech_end is not None:  # the stream ends in a pause
                     self.policy.end_at(min(tail_end, self.segmenter.speech_end) / SAMPLE_RATE)
-                self._commit((yield from self.policy.finish_steps()))
+                yield from self._finish_utterance()
                 self._in_speech = False
                 self._ended(tail_end / SAMPLE_RATE)
                 self._speech_end = self._fed_end = tail_end
@@ -291,6 +294,13 @@ class Session:
             self._ends.append(self._closing)
             self._closing = None
 
+    def _finish_utterance(self) -> Steps:
+        """The utterance's last words; its ending too when the policy checked it beside its last decode
+        (`TranscribeTogether`), else that check runs a step later (`_check_ending`)."""
+        self._commit((yield from self.policy.finish_steps()))
+        if self.policy.ending_decoded:
+            yield from self._check_ending()
+
     def _ended(self, t: float) -> None:
         """The utterance under way ended at stream time `t`. Its end is told (`CaptionState.speech_ends`,
         the turn ends of the vendor protocols) with its last words: at once, or after its ending check."""
@@ -324,7 +334,7 @@ class Session:
         yield from self._check_ending()  # two utterances ended in one step: the first one's ending first
         self._feed_policy(sample)
         self.policy.end_at(sample / SAMPLE_RATE)
-        self._commit((yield from self.policy.finish_steps()))
+        yield from self._finish_utterance()
         self._tentative = []
         self._in_speech = False
         self._ended(sample / SAMPLE_RATE)

@@ -1,4 +1,4 @@
-"""One stream's share of the metrics: audio received, audio processed, caption lag.
+"""One stream's share of the metrics: audio received, audio processed, caption lag, turn ends.
 
 The connection knows when audio arrived, the session's updates say which
 stream time has been committed and how far processing has got. `ArrivalLog`
@@ -59,6 +59,11 @@ class ArrivalLog:
             return None
         return max(0.0, self.clock() - self._marks[0][1])
 
+    def since(self, stream_seconds: float) -> float | None:
+        """Seconds since the stream first reached `stream_seconds` (None: that arrival is forgotten)."""
+        reached = next((wall for at, wall in self._marks if at >= stream_seconds), None)
+        return None if reached is None else max(0.0, self.clock() - reached)
+
 
 class StreamMeter:
     """What one connection reports to the server's `Metrics`, on its device."""
@@ -68,6 +73,7 @@ class StreamMeter:
         self.gpu_id = gpu_id
         self.arrivals = ArrivalLog()
         self._processed_until = 0.0  # stream seconds already counted as processed
+        self._ends = 0  # utterance ends already told
 
     def audio_in(self, seconds: float, stream_seconds: float) -> None:
         """`seconds` of decoded audio arrived; the stream now holds `stream_seconds`."""
@@ -86,6 +92,11 @@ class StreamMeter:
         lag = self.arrivals.lag_of(state)
         if lag is not None:
             self.metrics.observe_caption_lag(self.gpu_id, lag)
+        for end in state.speech_ends[self._ends:]:  # turns told closed: how long after their speech ended
+            waited = self.arrivals.since(end)
+            if waited is not None:
+                self.metrics.observe_turn_end(self.gpu_id, waited)
+        self._ends = len(state.speech_ends)
         self.arrivals.forget_before(self._committable_from(state, processed))
 
     @staticmethod

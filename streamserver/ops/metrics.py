@@ -32,6 +32,7 @@ LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LAG_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0)
+TURN_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 class RealtimeWindow:
@@ -150,6 +151,10 @@ class Metrics:
         self.caption_lag = Histogram(PREFIX + "caption_lag_seconds",
                                      "Wall time from audio arriving to the update that commits its words", gpu,
                                      buckets=LAG_BUCKETS, registry=r)
+        self.turn_end = Histogram(PREFIX + "turn_end_seconds",
+                                  "Wall time from the arrival of an utterance's end of speech (the VAD's, with its "
+                                  "pad) to the update that tells the end with every word (speech_final, completed); "
+                                  "the endpointing silence included", gpu, buckets=TURN_BUCKETS, registry=r)
         self.received = Counter(PREFIX + "audio_received_seconds", "Audio received from clients", gpu, registry=r)
         self.processed = Counter(PREFIX + "audio_processed_seconds", "Audio the pipeline has processed", gpu,
                                  registry=r)
@@ -168,7 +173,7 @@ class Metrics:
         r.register(_JobCollector(self))
         for d in allocator.devices:  # every series exists from the start, at zero
             g = str(d.id)
-            for family in (self.admissions, self.loads, self.unloads, self.load_seconds, self.caption_lag,
+            for family in (self.admissions, self.loads, self.unloads, self.load_seconds, self.caption_lag, self.turn_end,
                            self.received, self.processed, self.file_audio_seconds, self.file_device_seconds):
                 family.labels(g)
             for stage in STAGES:
@@ -199,6 +204,9 @@ class Metrics:
 
     def observe_caption_lag(self, gpu_id: int, seconds: float) -> None:
         self.caption_lag.labels(str(gpu_id)).observe(max(seconds, 0.0))
+
+    def observe_turn_end(self, gpu_id: int, seconds: float) -> None:
+        self.turn_end.labels(str(gpu_id)).observe(max(seconds, 0.0))
 
     # -- device runtime / scheduler -------------------------------------------
     def model_loaded(self, gpu_id: int, seconds: float) -> None:
