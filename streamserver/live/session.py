@@ -63,16 +63,25 @@ class AudioInbox:
     def __init__(self) -> None:
         self._chunks: deque[np.ndarray] = deque()
         self.received_samples = 0
+        self.taken_samples = 0
 
     def put(self, audio: np.ndarray) -> None:
         if audio.size:
             self._chunks.append(audio)
             self.received_samples += audio.size
 
-    def take(self) -> np.ndarray:
+    def take(self, until: int | None = None) -> np.ndarray:
+        """Everything waiting, or only what arrived before sample `until` of the stream (a client's cut:
+        the audio sent after it stays for the next step)."""
         chunks = []
-        while self._chunks:
-            chunks.append(self._chunks.popleft())
+        while self._chunks and (until is None or self.taken_samples < until):
+            chunk = self._chunks.popleft()
+            if until is not None and self.taken_samples + chunk.size > until:
+                keep = until - self.taken_samples
+                self._chunks.appendleft(chunk[keep:])  # the front again: put only appends at the back
+                chunk = chunk[:keep]
+            chunks.append(chunk)
+            self.taken_samples += chunk.size
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
     @property
@@ -189,12 +198,13 @@ class Session:
             self._note_silence(self._recent_start + len(self._recent))  # where the stream ended
             return self.state(final=True)
 
-    def cut(self) -> Steps:
+    def cut(self, until: int | None = None) -> Steps:
         """The client asks for everything heard so far now (Deepgram's `Finalize`, OpenAI's `commit`):
         the utterance under way ends here, as if the speaker had paused; the stream goes on, and the
-        next speech starts a new utterance."""
+        next speech starts a new utterance. `until`: the inbox's `received_samples` when the client cut;
+        audio that arrived after it (the step may run seconds later on a busy device) is not taken in."""
         with self._lock:
-            yield from self._take_in()
+            yield from self._take_in(until)
             if self._in_speech:
                 self.segmenter.force_end()
                 yield from self._speech_ends(self._vad_samples)
@@ -234,8 +244,8 @@ class Session:
         )
 
     # -- internals --------------------------------------------------------
-    def _take_in(self) -> Steps:
-        audio = self.inbox.take()
+    def _take_in(self, until: int | None = None) -> Steps:
+        audio = self.inbox.take(until)
         if not audio.size:
             return
         self._recent = np.concatenate([self._recent, audio])

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -89,7 +91,7 @@ class LiveStream:
         self.draining = False  # the server asked the stream to finish
         self.aborted = asyncio.Event()  # the drain's grace period ran out
         self._arrived = asyncio.Event()
-        self._cut = False
+        self._cuts: deque[int] = deque()  # where the client cut: the inbox's received_samples then
         self.parked = False  # its client dropped and may come back (resume.py)
         self._task: asyncio.Task | None = None
         self._session: Session | None = None
@@ -155,8 +157,9 @@ class LiveStream:
         self._arrived.set()
 
     def cut(self) -> None:
-        """The client wants what it said so far now: the utterance under way is committed."""
-        self._cut = True
+        """The client wants what it said so far now: the utterance under way is committed, and it
+        ends where the audio the client had sent ends (not where the inbox is when the step runs)."""
+        self._cuts.append(self.inbox.received_samples)
         self._arrived.set()
 
     def retune(self, **settings) -> None:
@@ -194,9 +197,9 @@ class LiveStream:
                 except TimeoutError:
                     continue
                 self._arrived.clear()
-                if self._cut:
-                    self._cut = False
-                    self._publish(await self._infer(session.cut))
+                if self._cuts:  # each cut in its own step, each answered (Finalize, commit) on its own
+                    while self._cuts:
+                        self._publish(await self._infer(partial(session.cut, self._cuts.popleft())))
                 else:
                     self._publish(await self._infer(session.step))
                 if session.ending_pending:  # the turn ends with its ending checked: next round, audio or not

@@ -275,12 +275,12 @@ class RealtimeAdapter:
                 events.append({"type": "conversation.item.input_audio_transcription.delta", "event_id": _id("event"),
                                "item_id": self._item.id, "content_index": 0, "delta": delta})
         self._words = len(state.words)
-        if state.cuts > self._cuts:  # the client's commit: whatever is open is an item now
-            self._cuts = state.cuts
-            while self._commits:
+        # the client's commits, each in its own state: whatever is open is an item now
+        for _ in range(state.cuts - self._cuts):
+            if self._commits:
                 self._commits -= 1
-                if self._item is not None:
-                    events += self._finish_item(update.received_seconds)
+                events += self._finish_item(update.received_seconds)
+        self._cuts = state.cuts
         return events
 
     def _finish_item(self, end: float) -> list[dict]:
