@@ -6,9 +6,9 @@ and whether the closing event carries every word of the turn.
 For a voice agent a turn ends when the user stops speaking, and the transcript that closes it is the one
 latency its user feels. Each clip of `../shared/speech` (default: the ten-sentence telephone recording
 and two read ones) is streamed at real-time pace in 20-ms frames, then 3 s of silence, through Deepgram's
-`/v1/listen` (`endpointing=SILENCE`, `speech_final` closes a turn) and OpenAI's `/v1/realtime`
-(`server_vad` with `silence_duration_ms=SILENCE`, `completed` closes an item), both at once on one
-server (started on its defaults with `--pcm-input`, or `--url`). Per protocol it prints the turns, the
+`/v1/listen` (`endpointing=SILENCE`, `speech_final` closes a turn), then through OpenAI's `/v1/realtime`
+(`server_vad` with `silence_duration_ms=SILENCE`, `completed` closes an item): one stream at a time, on
+one server (started on its defaults with `--pcm-input`, or `--url`). Per protocol it prints the turns, the
 words that arrived after their turn was closed (goal: none), WER against the references, and the
 latency from the end of a turn's audio (Deepgram: its last word's end; OpenAI: `speech_stopped`'s
 `audio_end_ms`) to the closing event, p50 and p95, beside the configured silence (issue 30's goal: p50
@@ -93,7 +93,8 @@ def deepgram_turns(base: str, pcm16k: bytes, silence_ms: int, token: str = "") -
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         words: list[str] = []
-        closed_until = -1.0  # the end of the last closed turn's audio
+        last_end = -1.0  # the end of the last final word
+        closed_until = -1.0  # the end of the last closed turn's last word
         try:
             while True:
                 message = json.loads(ws.recv(timeout=120))
@@ -102,10 +103,10 @@ def deepgram_turns(base: str, pcm16k: bytes, silence_ms: int, token: str = "") -
                 said = message["channel"]["alternatives"][0]["words"]
                 log.late_words += [w["punctuated_word"] for w in said if w["start"] < closed_until]
                 words += [w["punctuated_word"] for w in said]
+                last_end = said[-1]["end"] if said else last_end
                 if message.get("speech_final") and words:
-                    end = said[-1]["end"] if said else message["start"] + message["duration"]
-                    log.turns.append(Turn(" ".join(words), end, time.monotonic() - t0))
-                    closed_until, words = end, []
+                    log.turns.append(Turn(" ".join(words), last_end, time.monotonic() - t0))
+                    closed_until, words = last_end, []
         except ConnectionClosed as closed:
             log.close_code = closed.rcvd.code if closed.rcvd else None
         if words:  # the stream's end closes the last turn
@@ -204,8 +205,9 @@ def main() -> None:
         server, base = start_server(args.server_arg, workdir)
     try:
         logs = {"deepgram": [], "openai": []}
-        for clip in clips:  # one clip at a time: one stream per protocol
-            dg, oa = both(base, clip.pcm16(), args.silence_ms)
+        for clip in clips:  # one stream at a time
+            dg = deepgram_turns(base, clip.pcm16(), args.silence_ms)
+            oa = openai_turns(base, clip.pcm16(), args.silence_ms)
             logs["deepgram"].append(dg)
             logs["openai"].append(oa)
             print(f"{clip.name}: deepgram {len(dg.turns)} turns, openai {len(oa.turns)} items", flush=True)

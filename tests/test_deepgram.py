@@ -153,3 +153,28 @@ def test_bad_control_messages_and_bad_audio_close_with_data_0000(base):
             while True:
                 ws.recv(timeout=30)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "DATA-0000")
+
+
+def test_two_utterances_told_ended_in_one_update_are_two_turns_in_the_order_they_were_said():
+    """A busy device can tell two utterances' ends in one update: each gets its own speech_final Results
+    with its own words (LiveKit ends a turn at each), and the second's SpeechStarted comes after the
+    first's turn ended."""
+    from types import SimpleNamespace
+
+    from streamserver.live.captions import CaptionState, SpokenWord
+    from streamserver.live.stream import StreamUpdate
+    from streamserver.protocols.deepgram import DeepgramAdapter, ListenOptions
+
+    options = ListenOptions({"vad_events": "true", "utterance_end_ms": "1000", "punctuate": "true"})
+    adapter = DeepgramAdapter(SimpleNamespace(id="r"), options, decoder=None, max_frame=1 << 20, model="nova-3")
+    words = (SpokenWord("One", 0.5, 0.8), SpokenWord("two.", 0.9, 1.2), SpokenWord("Three", 3.0, 3.3),
+             SpokenWord("four.", 3.4, 3.7), SpokenWord("Five", 6.0, 6.2))
+    state = CaptionState(words=words, speech_starts=(0.4, 2.9, 5.9), speech_ends=(1.4, 3.9))
+    events = adapter.render(StreamUpdate(state, 6.5, False, False))
+    kinds = [(e["type"], e.get("speech_final")) for e in events]
+    assert kinds == [("SpeechStarted", None), ("Results", True), ("UtteranceEnd", None),
+                     ("SpeechStarted", None), ("Results", True), ("UtteranceEnd", None),
+                     ("SpeechStarted", None), ("Results", False)], kinds
+    texts = [e["channel"]["alternatives"][0]["transcript"] for e in events if e["type"] == "Results"]
+    assert texts == ["One two.", "Three four.", "Five"]
+    assert [e["last_word_end"] for e in events if e["type"] == "UtteranceEnd"] == [1.2, 3.7]

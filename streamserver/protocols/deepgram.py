@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import uuid
 from datetime import datetime, timezone
@@ -143,6 +144,8 @@ class DeepgramAdapter:
         self._ends = 0
         self._interim = ""
         self._cuts = 0  # the client's Finalize messages already answered with a final Results
+        self._turn_words = 0  # final words sent of the utterance under way
+        self._last_word_end: float | None = None
 
     # -- client → stream ----------------------------------------------------
     def opening(self) -> list[dict]:
@@ -184,42 +187,56 @@ class DeepgramAdapter:
 
     # -- stream → client ----------------------------------------------------
     def render(self, update: StreamUpdate) -> list[dict]:
+        """In the order things were said: an utterance's `SpeechStarted`, its final words, and, once its
+        end is told (`CaptionState.speech_ends`: after its last word), a `speech_final` Results of its
+        own and its `UtteranceEnd`; then the next utterance's. Two utterances told ended in one state
+        are two turns."""
         state = update.state
         events: list[dict] = []
-        if self.options.vad_events:
-            for start in state.speech_starts[self._starts:]:
-                events.append({"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(start, 3)})
-        self._starts = len(state.speech_starts)
-        new = state.words[self._final_words:]
-        ended = len(state.speech_ends) > self._ends
+        received = update.received_seconds
+        new = list(state.words[self._final_words:])
         finalized = state.cuts > self._cuts
-        after: tuple[SpokenWord, ...] = ()
-        if ended and len(state.speech_starts) > len(state.speech_ends):
-            # The next utterance began, and has words already: they are not part of the turn that ends.
-            begun = state.speech_starts[len(state.speech_ends)]
-            split = next((i for i, w in enumerate(new) if w.start >= begun), len(new))
-            new, after = new[:split], new[split:]
-        if new or (ended and self._final_words) or finalized:
-            events.append(self._results(new, True, speech_final=ended, received=update.received_seconds,
-                                        from_finalize=finalized))
-        if after:
-            events.append(self._results(after, True, received=update.received_seconds))
-        if new or after or (ended and self._final_words) or finalized:
-            self._cuts = state.cuts
-            self._final_words = len(state.words)
-            self._interim = ""
-        if ended:
+        starts = state.speech_starts
+        for k in range(self._ends, len(state.speech_ends)):
+            self._speech_started(events, starts[:k + 1])
+            following = starts[k + 1] if k + 1 < len(starts) else math.inf
+            split = next((i for i, w in enumerate(new) if w.start >= following), len(new))
+            turn, new = new[:split], new[split:]
+            if turn or self._turn_words:
+                answers_cut = finalized and not new and k == len(state.speech_ends) - 1
+                events.append(self._results(tuple(turn), True, speech_final=True, received=received,
+                                            from_finalize=answers_cut))
+                finalized = finalized and not answers_cut
+                if turn:
+                    self._last_word_end = turn[-1].end
             if self.options.utterance_end_ms is not None:
-                turn = state.words[:len(state.words) - len(after)]
-                last = turn[-1].end if turn else state.speech_ends[-1]
+                last = self._last_word_end if self._last_word_end is not None else state.speech_ends[k]
                 events.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last, 3)})
-            self._ends = len(state.speech_ends)
+            self._turn_words = 0
+        self._ends = len(state.speech_ends)
+        self._speech_started(events, starts)
+        if new or finalized:
+            events.append(self._results(tuple(new), True, received=received, from_finalize=finalized))
+            self._turn_words += len(new)
+            if new:
+                self._last_word_end = new[-1].end
+        if len(state.words) > self._final_words or state.cuts > self._cuts:
+            self._interim = ""
+        self._cuts = state.cuts
+        self._final_words = len(state.words)
         if self.options.interim_results:
             text = self._transcript(state.tentative)
             if state.tentative and text != self._interim:
-                events.append(self._results(state.tentative, False, received=update.received_seconds))
+                events.append(self._results(state.tentative, False, received=received))
                 self._interim = text
         return events
+
+    def _speech_started(self, events: list[dict], starts: tuple[float, ...]) -> None:
+        """`SpeechStarted` for each of `starts` not told yet (`vad_events=true`)."""
+        if self.options.vad_events:
+            for start in starts[self._starts:]:
+                events.append({"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(start, 3)})
+        self._starts = max(self._starts, len(starts))
 
     def ending(self, update: StreamUpdate) -> driver.Ending:
         events = self.render(update)
