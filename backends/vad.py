@@ -254,6 +254,12 @@ class SpeechSegmenter:
         self._triggered = False
         self._silence_from: int | None = None  # start sample of the pending silence
 
+    def set_pause(self, seconds: float) -> None:
+        """End speech once `seconds` of silence have been heard, as closely as the windows resolve it: at
+        the end of the first window that reaches it (one window, 32 ms, at the least)."""
+        windows = max(1, -(-round(seconds * SAMPLE_RATE) // WINDOW))
+        self.min_silence_samples = (windows - 1) * WINDOW  # counted from the first silent window's start
+
     @property
     def in_speech(self) -> bool:
         return self._triggered

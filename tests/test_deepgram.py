@@ -165,16 +165,65 @@ def test_two_utterances_told_ended_in_one_update_are_two_turns_in_the_order_they
     from streamserver.live.stream import StreamUpdate
     from streamserver.protocols.deepgram import DeepgramAdapter, ListenOptions
 
-    options = ListenOptions({"vad_events": "true", "utterance_end_ms": "1000", "punctuate": "true"})
+    options = ListenOptions({"vad_events": "true", "punctuate": "true"})
     adapter = DeepgramAdapter(SimpleNamespace(id="r"), options, decoder=None, max_frame=1 << 20, model="nova-3")
     words = (SpokenWord("One", 0.5, 0.8), SpokenWord("two.", 0.9, 1.2), SpokenWord("Three", 3.0, 3.3),
              SpokenWord("four.", 3.4, 3.7), SpokenWord("Five", 6.0, 6.2))
     state = CaptionState(words=words, speech_starts=(0.4, 2.9, 5.9), speech_ends=(1.4, 3.9))
     events = adapter.render(StreamUpdate(state, 6.5, False, False))
     kinds = [(e["type"], e.get("speech_final")) for e in events]
-    assert kinds == [("SpeechStarted", None), ("Results", True), ("UtteranceEnd", None),
-                     ("SpeechStarted", None), ("Results", True), ("UtteranceEnd", None),
+    assert kinds == [("SpeechStarted", None), ("Results", True), ("SpeechStarted", None), ("Results", True),
                      ("SpeechStarted", None), ("Results", False)], kinds
     texts = [e["channel"]["alternatives"][0]["transcript"] for e in events if e["type"] == "Results"]
     assert texts == ["One two.", "Three four.", "Five"]
-    assert [e["last_word_end"] for e in events if e["type"] == "UtteranceEnd"] == [1.2, 3.7]
+
+
+def _silence(seconds: float) -> bytes:
+    return bytes(2 * int(seconds * 16000))
+
+
+def _turns(base: str, query: str, pause: float) -> list[dict]:
+    """Two utterances with `pause` seconds between, at 5x real time, then CloseStream: every message."""
+    with _open(base, LISTEN + query) as ws:
+        _send(ws, tone(2.0) + _silence(pause) + tone(2.0) + _silence(0.3))
+        ws.send(json.dumps({"type": "CloseStream"}))
+        events, code = _all(ws)
+    assert code == 1000
+    return events
+
+
+@pytest.mark.parametrize("endpointing, pause, ends", [
+    (None, 0.2, True),  # Deepgram's default, 10 ms: the shortest pause the VAD hears ends the utterance
+    ("25", 0.2, True),  # LiveKit's: 25 ms as sent (it was raised to 300)
+    ("500", 0.8, True),
+    ("1500", 0.8, False),  # a pause shorter than the endpointing is inside the utterance
+])
+def test_endpointing_is_the_pause_in_milliseconds_as_sent(base, endpointing, pause, ends):
+    events = _turns(base, "&vad_events=true" + (f"&endpointing={endpointing}" if endpointing else ""), pause)
+    second = [i for i, e in enumerate(events) if e["type"] == "SpeechStarted"][1 if ends else 0]
+    before = [e for e in events[:second] if e["type"] == "Results" and e["speech_final"]] if ends else [
+        e for e in events if e["type"] == "Results" and e["speech_final"]][:-1]
+    if ends:  # the first utterance ended in the pause: its words, marked speech_final, before the next one
+        assert before and before[-1]["channel"]["alternatives"][0]["transcript"]
+    else:  # one utterance: speech_final only at the stream's end
+        assert before == [] and sum(e["type"] == "SpeechStarted" for e in events) == 1
+
+
+def test_endpointing_false_sends_no_speech_final_and_utterance_end_marks_the_gap(base):
+    events = _turns(base, "&endpointing=false&interim_results=true&utterance_end_ms=1000", 2.5)
+    finals = [e for e in events if e["type"] == "Results" and e["is_final"]]
+    assert len([e for e in finals if e["channel"]["alternatives"][0]["words"]]) >= 2  # both utterances' words
+    assert not any(e["speech_final"] for e in events if e["type"] == "Results")
+    kinds = [e["type"] for e in events]
+    assert kinds.count("UtteranceEnd") == 1  # after the first utterance's words (the second ends the stream)
+    end = kinds.index("UtteranceEnd")
+    first_words = [w for e in finals[:2] for w in e["channel"]["alternatives"][0]["words"] if w["end"] <= 2.2]
+    assert first_words and events[end]["last_word_end"] == pytest.approx(first_words[-1]["end"], abs=0.01)
+    assert all(w["start"] >= 2.0 for e in events[end:] if e["type"] == "Results" and e["is_final"]
+               for w in e["channel"]["alternatives"][0]["words"])
+
+
+def test_endpointing_must_be_milliseconds_or_false(base):
+    with pytest.raises(InvalidStatus) as bad:
+        _open(base, LISTEN + "&endpointing=soon")
+    assert bad.value.response.status_code == 400

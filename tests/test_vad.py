@@ -172,6 +172,18 @@ def test_segmenter_semantics() -> None:
     assert seg.push(np.concatenate([np.full(10, 0.2), [0.7]])) == [SpeechEvent("start", k * WINDOW - pad)]
 
 
+@pytest.mark.parametrize("seconds, windows", [(0.0, 1), (0.010, 1), (0.025, 1), (0.032, 1), (0.033, 2),
+                                              (0.5, 16), (2.0, 63)])
+def test_a_pause_is_heard_to_the_first_window_that_reaches_it(seconds: float, windows: int) -> None:
+    """`set_pause`: speech ends once that much silence is heard, in whole 32-ms windows, one at the least
+    (Deepgram's 10-ms endpointing ends at the first silent window)."""
+    seg = SpeechSegmenter(threshold=0.5)
+    seg.set_pause(seconds)
+    seg.push(np.array([0.9]))
+    assert seg.push(np.full(windows - 1, 0.1)) == []
+    assert [e.kind for e in seg.push(np.array([0.1]))] == ["end"]
+
+
 def test_module_does_not_import_silero_package() -> None:
     """Importing silero_vad would set torch threads to 1 for the whole process."""
     code = ("import sys, torch; torch.set_num_threads(2); from backends.vad import SileroVAD; SileroVAD(); "

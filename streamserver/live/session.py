@@ -46,6 +46,9 @@ class SessionOptions:
     # Shorter pauses stay inside the buffer: Whisper hears a phrase with the speech around it, and
     # both policies commit the words before a pause anyway (the hypotheses stop changing). Over
     # the whole real-speech set, 2 s gave lower WER than Silero's 0.5 s (which cut phrases apart).
+    # The VAD resolves it in 32-ms windows: the utterance ends at the end of the first window that
+    # reaches it (`SpeechSegmenter.set_pause`; one window at the least). The vendor protocols set it
+    # to the client's own turn detection (OpenAI's `silence_duration_ms`, Deepgram's `endpointing`).
     utterance_pause_seconds: float = 2.0
     # Speech probability that starts an utterance. Lower than Silero's 0.5: quiet, whispered, hoarse
     # and telephone-band speech scores lower, and a missed start loses words for good, while a
@@ -115,8 +118,8 @@ class Session:
         self.options = options
         self.vad: SileroVAD = models.vad
         self.vad_state = self.vad.new_state()
-        self.segmenter = SpeechSegmenter(options.vad_threshold,
-                                         min_silence_ms=int(1000 * options.utterance_pause_seconds))
+        self.segmenter = SpeechSegmenter(options.vad_threshold)
+        self.segmenter.set_pause(options.utterance_pause_seconds)
         if options.policy == "alignatt":
             self.policy = AlignAttPolicy(trim_seconds=options.trim_seconds, language=options.language)
         else:
@@ -220,7 +223,7 @@ class Session:
         if language is not None:
             self.policy.language = language
         if utterance_pause_seconds is not None:
-            self.segmenter.min_silence_samples = int(SAMPLE_RATE * utterance_pause_seconds)
+            self.segmenter.set_pause(utterance_pause_seconds)
         if prompt is not None and not self.policy.context:
             self.policy.context = prompt
 

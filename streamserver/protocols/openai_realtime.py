@@ -10,11 +10,29 @@ events: `session.created`/`.updated`, `input_audio_buffer.speech_started`/`.spee
 One item is one utterance. With `server_vad` (the default) the engine's VAD starts and ends
 items: `speech_started` when it hears speech, `delta` events while the utterance's words are
 committed (committed words never change, so the deltas of an item add up to its transcript),
-then `speech_stopped`, `committed` and `completed`. With `turn_detection: null` an item ends
-only at the client's `commit`. Accepted and not honoured: `noise_reduction`, `include`
-(no logprobs), the transcription `model` (the server runs its own), `threshold` and
-`prefix_padding_ms` of the VAD, `semantic_vad` (treated as `server_vad`), and `clear` (audio
-already heard stays in the stream; the event is answered).
+then `speech_stopped`, `committed` and `completed`.
+
+Turn detection, as OpenAI documents it; `session.created`/`.updated` report the silence that runs:
+- `server_vad`: OpenAI's defaults (`threshold` 0.5, `prefix_padding_ms` 300, `silence_duration_ms`
+  500); a `turn_detection` without `silence_duration_ms` runs 500 ms. That silence is where the
+  utterance ends: its last decode commits all of its words, then the item is committed and
+  completed, so an item's end carries every word of it. The VAD hears in 32-ms windows, so the
+  silence runs to the end of the first window that reaches it; the one floor is one window:
+  a value under 32 ms is raised to 32 and reported as 32.
+- `semantic_vad`: there is no semantic model here; it runs as `server_vad` with a silence set by
+  its `eagerness`, and is reported as the `server_vad` that runs. OpenAI documents only the longest
+  waits (`low` 8 s, `medium`/`auto` 4 s, `high` 2 s), which a turn that sounds finished does not
+  wait for; here the silence keeps their 1 : 2 : 4 proportions from `server_vad`'s 500 ms, so the most
+  eager waits as `server_vad` does: `high` 500 ms, `medium` and `auto` 1000 ms, `low` 2000 ms
+  (each within its documented longest wait).
+- `turn_detection: null`: an item ends only at the client's `commit`. The engine still ends its own
+  utterances at its usual pause (`SessionOptions.utterance_pause_seconds`, 2 s: the best
+  accuracy), which commits their words into the open item; no VAD event is sent.
+
+Accepted and not honoured: `noise_reduction`, `include` (no logprobs), the transcription `model`
+(the server runs its own), `threshold` and `prefix_padding_ms` of the VAD (echoed as given; the
+engine's VAD starts speech at its own threshold), and `clear` (audio already heard stays in the
+stream; the event is answered).
 """
 from __future__ import annotations
 
@@ -40,7 +58,9 @@ from ..server import Server
 from . import driver
 
 FORMATS = {"audio/pcm": ("linear16", 24000), "audio/pcmu": ("mulaw", 8000), "audio/pcma": ("alaw", 8000)}
-MIN_SILENCE_MS = 300
+SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+MIN_SILENCE_MS = 32  # one VAD window (backends.vad.WINDOW): the finest pause the VAD can hear
+EAGERNESS_MS = {"high": 500, "medium": 1000, "auto": 1000, "low": 2000}  # semantic_vad, see above
 SESSION_SECONDS = 3600
 
 
@@ -84,12 +104,37 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     config = server.config
     stream = LiveStream(server, admitted, stream_id, SessionOptions(
         config.silence_line_seconds, language=None if config.effective_language == "auto" else
-        config.effective_language, trim_seconds=config.trim_seconds, policy=config.policy))
+        config.effective_language, trim_seconds=config.trim_seconds, policy=config.policy,
+        utterance_pause_seconds=SERVER_VAD["silence_duration_ms"] / 1000))  # what session.created reports
     stream.start()
     try:
         await driver.serve(websocket, stream, RealtimeAdapter(stream, config.model_label))
     finally:
         await stream.close()
+
+
+def _turn_detection(detection) -> dict | None | str:
+    """A client's `turn_detection` as it will run (see the module's docstring), or what is wrong with it."""
+    if detection is None:
+        return None
+    if not isinstance(detection, dict) or detection.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+        return "turn_detection.type must be server_vad, semantic_vad or null"
+    running = dict(SERVER_VAD)
+    if detection.get("type") == "semantic_vad":
+        eagerness = detection.get("eagerness") or "auto"
+        if eagerness not in EAGERNESS_MS:
+            return "turn_detection.eagerness must be low, medium, high or auto"
+        running["silence_duration_ms"] = EAGERNESS_MS[eagerness]
+        return running
+    for name in ("threshold", "prefix_padding_ms", "silence_duration_ms"):
+        value = detection.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            return f"turn_detection.{name} must be a number, at least 0"
+        running[name] = value
+    running["silence_duration_ms"] = max(MIN_SILENCE_MS, int(round(running["silence_duration_ms"])))
+    return running
 
 
 @dataclass
@@ -110,8 +155,7 @@ class RealtimeAdapter:
         self.decoder = RawDecoder(*FORMATS[self.format])
         self.language: str | None = None
         self.prompt = ""
-        self.turn_detection: dict | None = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                                            "silence_duration_ms": 500}
+        self.turn_detection: dict | None = dict(SERVER_VAD)  # what runs (the stream starts with it)
         self.expires_at = int(time.time()) + SESSION_SECONDS
         self._item: _Item | None = None
         self._previous: str | None = None
@@ -171,6 +215,10 @@ class RealtimeAdapter:
             return [_error("invalid_request_error", "This endpoint serves transcription sessions: "
                            "session.type must be 'transcription'", "invalid_value", "session.type", event_id)]
         audio_in = (session.get("audio") or {}).get("input") or {}
+        detection = _turn_detection(audio_in.get("turn_detection"))
+        if isinstance(detection, str):  # (checked before anything of the update is applied)
+            return [_error("invalid_request_error", detection, "invalid_value", "session.audio.input.turn_detection",
+                           event_id)]
         fmt = audio_in.get("format")
         if fmt is not None:
             kind, rate = (fmt or {}).get("type"), (fmt or {}).get("rate")
@@ -187,19 +235,16 @@ class RealtimeAdapter:
         if "prompt" in transcription:
             self.prompt = transcription["prompt"] or ""
         if "turn_detection" in audio_in:
-            detection = audio_in["turn_detection"]
-            if detection is not None and detection.get("type") not in ("server_vad", "semantic_vad"):
-                return [_error("invalid_request_error", "turn_detection.type must be server_vad, semantic_vad "
-                               "or null", "invalid_value", "session.audio.input.turn_detection.type", event_id)]
-            self.turn_detection = None if detection is None else {
-                "type": "server_vad", "threshold": detection.get("threshold", 0.5),
-                "prefix_padding_ms": detection.get("prefix_padding_ms", 300),
-                "silence_duration_ms": detection.get("silence_duration_ms", 500)}
-        pause = None
-        if self.turn_detection is not None and "silence_duration_ms" in (audio_in.get("turn_detection") or {}):
-            pause = max(MIN_SILENCE_MS, int(self.turn_detection["silence_duration_ms"])) / 1000
-        stream.retune(language=self.language, utterance_pause_seconds=pause, prompt=self.prompt or None)
+            self.turn_detection = detection
+        stream.retune(language=self.language, utterance_pause_seconds=self.pause_seconds, prompt=self.prompt or None)
         return [{"type": "session.updated", "event_id": _id("event"), "session": self.session()}]
+
+    @property
+    def pause_seconds(self) -> float:
+        """The silence that ends an utterance: the turn detection's, or the engine's own without one."""
+        if self.turn_detection is None:
+            return SessionOptions.utterance_pause_seconds
+        return self.turn_detection["silence_duration_ms"] / 1000
 
     def _append(self, event: dict, stream: LiveStream, event_id: str | None) -> list[dict] | None:
         try:
