@@ -269,6 +269,13 @@ class SpeechSegmenter:
         """Where speech would end (with its pad) if the pause now under way lasts: None if none is."""
         return None if self._silence_from is None else self._silence_from + self.pad_samples
 
+    @property
+    def pause_remaining(self) -> int | None:
+        """Samples of silence still to hear before the pause under way ends the speech (None: no pause)."""
+        if self._silence_from is None:
+            return None
+        return self._silence_from + self.min_silence_samples + WINDOW - self._windows * WINDOW
+
     def force_end(self) -> None:
         """End the speech under way now (the caller ended the utterance); the next speech window starts anew."""
         self._triggered = False

@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from backends.asr_types import Segment, TranscribeJob, TranscribeTogether, drive
+from backends.asr_types import DecodeNow, Segment, TranscribeJob, TranscribeTogether, drive
 from gpu_manager import Device
 from streamserver.live.session import (
     AudioInbox,
@@ -18,6 +18,7 @@ from streamserver.live.session import (
     SessionOptions,
     answer_directly,
 )
+from backends.vad import VadJob
 from tests.fakes import EchoASR, fake_loader
 
 
@@ -115,3 +116,43 @@ def test_an_utterance_end_is_told_with_every_word_of_it_and_its_check_beside_its
         before = [w.text.strip() for w in state.words if w.start < end]
         assert words[:len(before)] == before, (end, words, before)
     assert any(together)  # the prompted utterances' last decodes were paired with their checks
+
+
+def test_a_pause_that_ends_the_utterance_has_its_last_decode_run_while_it_is_heard(monkeypatch):
+    """The last decode of an utterance (and its ending check) runs while the pause that ends it is still
+    being heard (`decode_ahead_steps`): the step in which the VAD ends the utterance tells its end with
+    no decode left to wait for, and the words are those of the decode run at the end."""
+    import streamserver.live.session as session_module
+
+    def run(ahead: float):
+        monkeypatch.setattr(session_module, "AHEAD_SECONDS", ahead)
+        models = fake_loader(Device(0, "cpu", 0, "cpu"))
+        models.asr = StopsShortWhenPrompted()
+        base = answer_directly(models)
+        jobs = [0]
+
+        def answer(job):
+            jobs[0] += not isinstance(job, (VadJob, DecodeNow))
+            return base(job)
+
+        answer.together = True
+        session = Session(AudioInbox(), models, SessionOptions(utterance_pause_seconds=0.5, silence_line_seconds=1.0))
+        pause = np.zeros(int(2.5 * 16000), np.float32)
+        audio = np.concatenate([_speech(3.5), pause, _speech(3.5, 0.1), pause, _speech(3.5), pause])
+        waited = []  # model calls in each step that first told an utterance's end
+        ends = 0
+        for at in range(0, len(audio), 1600):
+            session.inbox.put(audio[at:at + 1600])
+            jobs[0] = 0
+            state = drive(session.step(), answer)
+            if len(state.speech_ends) > ends:
+                waited.append(jobs[0])
+                ends = len(state.speech_ends)
+        return [w.text.strip() for w in drive(session.finish(), answer).words], waited
+
+    default = session_module.AHEAD_SECONDS
+    at_the_end, waited_at_the_end = run(0.0)
+    ahead, waited_ahead = run(default)
+    assert ahead == at_the_end
+    assert len(waited_ahead) == 3 and waited_ahead[1:] == [0, 0], waited_ahead  # the prompted utterances
+    assert any(waited_at_the_end), waited_at_the_end

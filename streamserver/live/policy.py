@@ -231,6 +231,12 @@ class UtteranceBuffer:
         likely said again)."""
         return TranscribeJob(audio, "", self.language, whole_window=True, draft=said)
 
+    def decode_ahead_steps(self, end: float) -> Generator[TranscribeJob, list[Segment], None]:
+        """The utterance may end at stream time `end` (a pause is under way): decode now what its end
+        would decode then (`LocalAgreementPolicy`); by default nothing."""
+        return
+        yield
+
     def finish_all_steps(self) -> Generator[TranscribeJob, list[Segment], list[Word]]:
         """End of the utterance and its ending checked, in one go (for callers that show nothing
         in between)."""
@@ -314,6 +320,7 @@ class LocalAgreementPolicy(UtteranceBuffer):
         super().start(offset)
         self.hypothesis = HypothesisBuffer(committed_until=offset, keep=self._once)
         self._last_decode: EndingCheck | None = None
+        self._ahead: tuple[tuple, list] | None = None  # (what a final decode asks, its answers): `decode_ahead_steps`
 
     @property
     def awaits_confirmation(self) -> bool:
@@ -337,12 +344,15 @@ class LocalAgreementPolicy(UtteranceBuffer):
         # father's "... things to say to it?" ended "thing to decide with".
         job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
                             whole_window=final, draft=self._draft())
-        if final and self.heard_all and job.prompt:
+        ahead, self._ahead = self._ahead, None
+        if final and ahead is not None and ahead[0] == self._asked(job):
+            conditioned, free = ahead[1]  # decoded during the pause that ended the utterance
+        elif final and self.heard_all and job.prompt:
             # The utterance's last decode, and the free decode that checks its ending, side by side.
             conditioned, free = yield TranscribeTogether((job, self._free_job(window, job.draft)))
-            heard = tuple(w.shifted(self.offset) for s in free for w in s.words)
         else:
-            conditioned, heard = (yield job), None
+            conditioned, free = (yield job), None
+        heard = None if free is None else tuple(w.shifted(self.offset) for s in free for w in s.words)
         segments = [s.shifted(self.offset) for s in conditioned]
         words = [w for s in segments for w in s.words]
         # The decode that heard the buffer to its end is the utterance's last, if the utterance ends
@@ -383,6 +393,26 @@ class LocalAgreementPolicy(UtteranceBuffer):
         self.ending = self._last_decode
         self.start(self.end_time)
         return self._hold_last(committed)
+
+    def decode_ahead_steps(self, end: float) -> Generator[TranscribeJob, list[Segment], None]:
+        """A pause is under way that ends the utterance at stream time `end` if it lasts: the utterance's
+        last decode (and its ending check) of the audio up to `end`, run now, while the pause is still
+        being heard; `finish_steps` takes the answers when the utterance ends there with nothing
+        committed since (the same job), and the turn closes without waiting for a decode."""
+        n = int(round((end - self.offset) * SAMPLE_RATE))
+        if n <= self.processed_samples or n > min(len(self.audio), int(DECODE_SECONDS * SAMPLE_RATE)):
+            return  # nothing new to hear at the end, or a buffer past one window (a stream that fell behind)
+        window = self.audio[:n]
+        job = TranscribeJob(window, self._prompt(), self.language, final=True, whole_window=True, draft=self._draft())
+        if job.prompt:
+            answers = yield TranscribeTogether((job, self._free_job(window, job.draft)))
+        else:
+            answers = [(yield job), None]
+        self._ahead = (self._asked(job), answers)
+
+    def _asked(self, job: TranscribeJob) -> tuple:
+        """What makes two final decodes the same: their audio (where it starts and ends) and prompt."""
+        return self.offset, len(job.audio), job.prompt, job.language
 
     # -- helpers ----------------------------------------------------------
     def _answer(self, job: TranscribeJob) -> list[Segment]:

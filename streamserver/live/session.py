@@ -33,6 +33,13 @@ from .transcript import Transcript
 # A stream whose new speech is at least this share of `min_chunk_seconds` decodes in a round where
 # other streams decode (`DecodeNow`).
 JOIN_FRACTION = 0.5
+# When a pause will end the utterance if it lasts this much longer, the utterance's last decode runs
+# ahead (`decode_ahead_steps`), so that the turn's end waits for no decode: a little more than that
+# decode takes on a 2-core CPU (a pair of tiny.en rows, one 30-s encode: about 0.17 s). Not before the
+# pause has lasted `AHEAD_MIN_SILENCE`: the VAD's end of speech must have settled, and shorter pauses
+# inside an utterance, which would waste the decode, are common.
+AHEAD_SECONDS = 0.3
+AHEAD_MIN_SILENCE = 0.2
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,7 @@ class Session:
         self._starts: list[float] = []  # stream seconds where each utterance began, and ended
         self._ends: list[float] = []  # (an utterance's end is told once its ending is checked)
         self._closing: float | None = None  # where the utterance whose ending waits for its check ended
+        self._ahead_for: int | None = None  # the speech end the last decode ran ahead for
         self._cuts = 0
 
     # -- worker side ----------------------------------------------------
@@ -159,6 +167,9 @@ class Session:
                 out = yield from self.policy.process_steps()
                 self._commit(out.committed)
                 self._tentative = out.tentative
+            elif self._in_speech and self._end_near():
+                self._ahead_for = self.segmenter.speech_end
+                yield from self.policy.decode_ahead_steps(self._ahead_for / SAMPLE_RATE)
             self._attribute()
             self._note_silence(self._vad_samples)
             return self.state()
@@ -286,6 +297,16 @@ class Session:
         if waiting >= JOIN_FRACTION * self.options.min_chunk_seconds:
             return bool((yield DecodeNow()))
         return False
+
+    def _end_near(self) -> bool:
+        """A pause under way will end the utterance within `AHEAD_SECONDS` if it lasts, and its last
+        decode has not run ahead for it yet."""
+        remaining, end = self.segmenter.pause_remaining, self.segmenter.speech_end
+        if remaining is None or end is None or end == self._ahead_for:
+            return False
+        heard = end - self.segmenter.pad_samples
+        return (remaining <= AHEAD_SECONDS * SAMPLE_RATE
+                and self._vad_samples - heard >= AHEAD_MIN_SILENCE * SAMPLE_RATE)
 
     def _speech_starts(self, sample: int) -> None:
         self._note_silence(sample)
