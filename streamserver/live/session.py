@@ -318,9 +318,10 @@ class Session:
 
     def _check_ending(self) -> Steps:
         """The ending of the utterance that ended last, if not checked yet (the policy's `ending_steps`:
-        a free decode of its audio, the words it hears after the last one committed). It runs a step
-        after the utterance's end, so its words are shown without waiting for it; nothing is committed
-        or noted as silence after that utterance until it has run."""
+        a free decode of its audio, the words it hears after the last one committed), and then its end
+        told. When the check did not run beside the utterance's last decode (`_finish_utterance`), it
+        runs a step after the utterance's end, so the words before it are shown without waiting for it;
+        nothing is committed or noted as silence after that utterance until it has run."""
         if self.ending_pending:
             self._commit((yield from self.policy.ending_steps()))
             self._attribute()
