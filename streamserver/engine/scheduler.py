@@ -344,17 +344,15 @@ class DeviceScheduler:
     def _transcribe_asked(self, asr: Any, asked: list[tuple[int, Any]], started: float) -> dict[int, Any]:
         """The wave's Whisper jobs in batches, a step's `TranscribeTogether` among them (its jobs side by
         side, answered as a list); each step's answer, or the error of one of its jobs."""
-        flat: list[TranscribeJob] = []
-        for _, job in asked:
-            flat += job.jobs if isinstance(job, TranscribeTogether) else (job,)
-        results = self._transcribe(asr, flat, started)
+        together = {i for i, job in asked if isinstance(job, TranscribeTogether)}
+        parts = [(i, job.jobs if i in together else (job,)) for i, job in asked]
+        results = self._transcribe(asr, [j for _, jobs in parts for j in jobs], started)
         answers: dict[int, Any] = {}
         at = 0
-        for i, job in asked:
-            n = len(job.jobs) if isinstance(job, TranscribeTogether) else 1
-            part, at = results[at:at + n], at + n
+        for i, jobs in parts:
+            part, at = results[at:at + len(jobs)], at + len(jobs)
             error = next((r for r in part if isinstance(r, BaseException)), None)
-            answers[i] = error if error is not None else (part if isinstance(job, TranscribeTogether) else part[0])
+            answers[i] = error if error is not None else (part if i in together else part[0])
         return answers
 
     def _transcribe(self, asr: Any, jobs: list[TranscribeJob], started: float,

@@ -36,11 +36,19 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-class _Refused(Exception):
+class UploadRefused(Exception):
+    """An upload refused: the HTTP status and the reason (the caller shapes the answer)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _limit(request: Request) -> tuple[int, str]:
+    """`--max-upload-mb` in bytes, and the answer to a file over it."""
+    max_mb = request.app.state.server.config.max_upload_mb
+    return int(max_mb * 2**20), f"File too large: over --max-upload-mb ({max_mb:g} MB)"
 
 
 class _Form:
@@ -94,29 +102,29 @@ class _Form:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         if b"name" not in options:
-            raise _Refused(400, 'Every form part needs a name (Content-Disposition: form-data; name="...")')
+            raise UploadRefused(400, 'Every form part needs a name (Content-Disposition: form-data; name="...")')
         self._name = options[b"name"].decode("utf-8", "replace")
         if self._name == "file":
             if self.file_seen:
-                raise _Refused(400, "Only one 'file' per upload")
+                raise UploadRefused(400, "Only one 'file' per upload")
             self.file_seen, self._in_file = True, True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace")
         elif b"filename" in options:
-            raise _Refused(400, f"A file in the field '{self._name}': the audio goes in the 'file' field")
+            raise UploadRefused(400, f"A file in the field '{self._name}': the audio goes in the 'file' field")
         elif len(self.fields) >= MAX_FIELDS:
-            raise _Refused(400, f"More than {MAX_FIELDS} fields in the form")
+            raise UploadRefused(400, f"More than {MAX_FIELDS} fields in the form")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file:
             self.file_bytes += end - start
             if self.file_bytes > self.file_limit:
-                raise _Refused(413, self.too_large)
+                raise UploadRefused(413, self.too_large)
             self.pending.append(data[start:end])
             self.pending_bytes += end - start
         else:
             self._field_bytes += end - start
             if self._field_bytes > FORM_SLACK:
-                raise _Refused(413, "The form's fields are too large")
+                raise UploadRefused(413, "The form's fields are too large")
             self._data += data[start:end]
 
     def on_part_end(self) -> None:
@@ -130,9 +138,7 @@ class _Form:
 async def receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
     """Save the form's `file` into the jobs folder; the other fields as a dict. Or the error answer."""
     server = request.app.state.server
-    max_mb = server.config.max_upload_mb
-    limit = int(max_mb * 2**20)
-    too_large = f"File too large: over --max-upload-mb ({max_mb:g} MB)"
+    limit, too_large = _limit(request)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + FORM_SLACK:
         return _error(too_large, 413)
@@ -150,7 +156,7 @@ async def receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
         async for chunk in body:
             received += len(chunk)
             if received > limit + FORM_SLACK:
-                raise _Refused(413, too_large)  # stop reading here: the rest is never written anywhere
+                raise UploadRefused(413, too_large)  # stop reading here: the rest is never written anywhere
             parser.write(chunk)
             if form.file_seen and out is None:
                 target = server.jobs.uploads / (uuid.uuid4().hex + Path(form.filename).suffix[:10])
@@ -159,11 +165,11 @@ async def receive_upload(request: Request) -> tuple[Path, dict] | JSONResponse:
                 await asyncio.to_thread(out.write, form.take())
         parser.finalize()
         if not form.ended:
-            raise _Refused(400, "Could not read the upload: the body ended inside the multipart form")
+            raise UploadRefused(400, "Could not read the upload: the body ended inside the multipart form")
         if out is None:
-            raise _Refused(400, "Missing 'file' in the multipart form")
+            raise UploadRefused(400, "Missing 'file' in the multipart form")
         await asyncio.to_thread(out.write, form.take())
-    except _Refused as refused:
+    except UploadRefused as refused:
         return _discard(out, target, _error(refused.message, refused.status))
     except ClientDisconnect:  # the client went away (or stalled, and the edge answered 408): nobody to answer
         return _discard(out, target, _error("The upload was interrupted", 400))
@@ -186,15 +192,6 @@ def _discard(out: BinaryIO | None, target: Path | None, answer: JSONResponse | N
     return answer
 
 
-class UploadRefused(Exception):
-    """A raw upload refused: the HTTP status and the reason (the caller shapes the answer)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 async def receive_body(request: Request, prefix: bytes = b"") -> tuple[Path, int, str]:
     """A request body that is the file itself (Deepgram's pre-recorded upload), written into the jobs
     folder as it arrives, after `prefix` (a header the caller puts before raw samples), under the same
@@ -203,9 +200,7 @@ async def receive_body(request: Request, prefix: bytes = b"") -> tuple[Path, int
     import hashlib
 
     server = request.app.state.server
-    max_mb = server.config.max_upload_mb
-    limit = int(max_mb * 2**20)
-    too_large = f"File too large: over --max-upload-mb ({max_mb:g} MB)"
+    limit, too_large = _limit(request)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise UploadRefused(413, too_large)

@@ -339,17 +339,12 @@ class LocalAgreementPolicy(UtteranceBuffer):
         utterance's last decode (everything it says is committed)."""
         window, said_before = self.window, self.said_until
         self.processed_samples = len(window)
-        # A decode that is committed with no later one to check it (the utterance's last, and its
-        # ending check) is encoded as Whisper was trained, in 30 s: in 15-s windows the CHILDES
-        # father's "... things to say to it?" ended "thing to decide with".
-        job = TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
-                            whole_window=final, draft=self._draft())
+        job = self._job(window, final)
         ahead, self._ahead = self._ahead, None
         if final and ahead is not None and ahead[0] == self._asked(job):
             conditioned, free = ahead[1]  # decoded during the pause that ended the utterance
-        elif final and self.heard_all and job.prompt:
-            # The utterance's last decode, and the free decode that checks its ending, side by side.
-            conditioned, free = yield TranscribeTogether((job, self._free_job(window, job.draft)))
+        elif final and self.heard_all:
+            conditioned, free = yield from self._last_decode_steps(job)
         else:
             conditioned, free = (yield job), None
         heard = None if free is None else tuple(w.shifted(self.offset) for s in free for w in s.words)
@@ -402,13 +397,25 @@ class LocalAgreementPolicy(UtteranceBuffer):
         n = int(round((end - self.offset) * SAMPLE_RATE))
         if n <= self.processed_samples or n > min(len(self.audio), int(DECODE_SECONDS * SAMPLE_RATE)):
             return  # nothing new to hear at the end, or a buffer past one window (a stream that fell behind)
-        window = self.audio[:n]
-        job = TranscribeJob(window, self._prompt(), self.language, final=True, whole_window=True, draft=self._draft())
-        if job.prompt:
-            answers = yield TranscribeTogether((job, self._free_job(window, job.draft)))
-        else:
-            answers = [(yield job), None]
-        self._ahead = (self._asked(job), answers)
+        job = self._job(self.audio[:n], final=True)
+        self._ahead = (self._asked(job), (yield from self._last_decode_steps(job)))
+
+    def _job(self, window: np.ndarray, final: bool) -> TranscribeJob:
+        """A decode of `window` (the buffer from its start): prompted with the committed text before it,
+        drafted with the last hypothesis. An utterance's last decode (`final`), committed with no later
+        decode to check it (as its ending check is), is encoded as Whisper was trained, in 30 s: in 15-s
+        windows the CHILDES father's "... things to say to it?" ended "thing to decide with"."""
+        return TranscribeJob(window, self._prompt(), self.language, final=final, again=not final,
+                             whole_window=final, draft=self._draft())
+
+    def _last_decode_steps(self, job: TranscribeJob) -> Generator[TranscribeJob | TranscribeTogether, list,
+                                                                 tuple[list[Segment], list[Segment] | None]]:
+        """An utterance's last decode; when it is prompted, beside it (`TranscribeTogether`: one encode)
+        the free decode that checks its ending. Their segments (the free one's None when not run)."""
+        if not job.prompt:
+            return (yield job), None
+        conditioned, free = yield TranscribeTogether((job, self._free_job(job.audio, job.draft)))
+        return conditioned, free
 
     def _asked(self, job: TranscribeJob) -> tuple:
         """What makes two final decodes the same: their audio (where it starts and ends) and prompt."""

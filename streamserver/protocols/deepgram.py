@@ -320,12 +320,7 @@ class DeepgramAdapter:
         }
 
     def _word(self, w: SpokenWord) -> dict:
-        out = {"word": _plain(w.text), "start": round(w.start, 3), "end": round(w.end, 3), "confidence": 1.0,
-               "punctuated_word": w.text if self.options.punctuate else _plain(w.text)}
-        if self.options.diarize:
-            out["speaker"] = max(w.speaker - 1, 0)
-            out["speaker_confidence"] = 1.0 if w.speaker > 0 else 0.0
-        return out
+        return word_json(w.text, w.start, w.end, w.speaker, self.options)
 
     def _transcript(self, words: tuple[SpokenWord, ...]) -> str:
         if self.options.punctuate:
@@ -333,21 +328,36 @@ class DeepgramAdapter:
         return " ".join(p for p in (_plain(w.text) for w in words) if p)
 
     def _metadata(self, received: float) -> dict:
-        return {
-            "type": "Metadata",
-            "transaction_key": "deprecated",
-            "request_id": self.stream.id,
-            "sha256": self._sha.hexdigest(),
-            "created": self.created,
-            "duration": round(received, 3),
-            "channels": self.options.channels,
-            "models": [MODEL_UUID],
-            "model_info": {MODEL_UUID: {"name": self.model, "version": "streamserver", "arch": "whisper"}},
-        }
+        return {"type": "Metadata", **metadata_json(self.stream.id, self._sha.hexdigest(), self.created, received,
+                                                    self.options.channels, self.model)}
 
 
 def _plain(text: str) -> str:
     return _PUNCT.sub("", text.lower()).strip("'-")
+
+
+def word_json(text: str, start: float, end: float, speaker: int, options: ListenOptions) -> dict:
+    """A word as Deepgram's `words` carry it, live and pre-recorded; `speaker` 1, 2, ... (0: not known)."""
+    out = {"word": _plain(text), "start": round(start, 3), "end": round(end, 3), "confidence": 1.0,
+           "punctuated_word": text if options.punctuate else _plain(text)}
+    if options.diarize:
+        out["speaker"] = max(speaker - 1, 0)
+        out["speaker_confidence"] = 1.0 if speaker > 0 else 0.0
+    return out
+
+
+def metadata_json(request_id: str, sha256: str, created: str, duration: float, channels: int, model: str) -> dict:
+    """Deepgram's metadata of a request, live (`Metadata` at the end) and pre-recorded (the answer's)."""
+    return {
+        "transaction_key": "deprecated",
+        "request_id": request_id,
+        "sha256": sha256,
+        "created": created,
+        "duration": round(duration, 3),
+        "channels": channels,
+        "models": [MODEL_UUID],
+        "model_info": {MODEL_UUID: {"name": model, "version": "streamserver", "arch": "whisper"}},
+    }
 
 
 class _DataError(ConnectionFailure):

@@ -39,7 +39,7 @@ from ..jobs.api import SyncJobFailed, audio_seconds, transcribe_now
 from ..jobs.file_audio import FileDecodeError, with_speakers
 from ..jobs.upload import UploadRefused, receive_body
 from ..ops.auth import token_ok
-from .deepgram import MODEL_UUID, ListenOptions, _flag, _plain
+from .deepgram import ListenOptions, _flag, metadata_json, word_json
 
 log = logging.getLogger("streamserver.deepgram")
 
@@ -175,30 +175,13 @@ def _response(stored: list[dict], options: _PrerecordedOptions, *, request_id: s
     results: dict = {"channels": [{"alternatives": [alternative]}]}
     if options.utterances:
         results["utterances"] = _utterances(words, options)
-    info = {"name": model, "version": "streamserver", "arch": "whisper"}
-    return {
-        "metadata": {
-            "transaction_key": "deprecated",
-            "request_id": request_id,
-            "sha256": sha256,
-            "created": created,
-            "duration": round(duration, 3),
-            "channels": 1,
-            "models": [MODEL_UUID],
-            "model_info": {MODEL_UUID: info},
-        },
-        "results": results,
-    }
+    return {"metadata": metadata_json(request_id, sha256, created, duration, 1, model), "results": results}
 
 
 def _word(stored: dict, options: _PrerecordedOptions) -> dict:
-    text = stored["word"].strip()
-    out = {"word": _plain(text), "start": round(stored["start"], 3), "end": round(stored["end"], 3),
-           "confidence": 1.0, "punctuated_word": text if options.listen.punctuate else _plain(text)}
-    if options.listen.diarize:
-        out["speaker"] = max(int(stored.get("speaker", 1)) - 1, 0)
-        out["speaker_confidence"] = 1.0 if "speaker" in stored else 0.0
-    return out
+    """A job's stored word (`speaker` 1, 2, ... when the job was diarized) as Deepgram's."""
+    return word_json(stored["word"].strip(), stored["start"], stored["end"], int(stored.get("speaker", 0)),
+                     options.listen)
 
 
 def _transcript(words: list[dict], options: _PrerecordedOptions) -> str:
